@@ -1,26 +1,15 @@
-"""Command line: ``sparsetune demo|demo-digits|info``: parses arguments, calls the API.
-
-Bad input exits with status 2 and one line on stderr, without a traceback.
-"""
+"""``sparsetune demo`` and ``sparsetune demo-digits``: the end-to-end demos."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 
-from . import __version__
-from .errors import SparsetuneError
+COMMANDS = ("demo", "demo-digits")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sparsetune", description="Theory-driven sparse fine-tuning of PyTorch models."
-    )
-    parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    from .data import TASKS
-    from .demo import REAL_DEMO_METHODS
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from ..data import TASKS
+    from ..demo import REAL_DEMO_METHODS
 
     demo = sub.add_parser(
         "demo",
@@ -74,44 +63,22 @@ def _build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--n-train", type=int, default=100, help="labelled fine-tuning examples")
     digits.add_argument("--seed", type=int, default=0)
     digits.add_argument("--lr", type=float, default=1e-2)
-    info = sub.add_parser("info", help="describe a mask or delta file (kind, density, per layer)")
-    info.add_argument("file", help="a .safetensors file written by sparsetune")
-    return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     if args.command == "demo":
-        from .demo import run_real_demo
+        from ..demo import run_real_demo
 
         result = run_real_demo(
             task=args.task, method=args.method, density=args.density, steps=args.steps,
             seed=args.seed, output_dir=args.output_dir, progress=not args.no_progress,
             scope=args.scope, lr_scales=args.lr_scales,
         )
-        print(result.report())
-    elif args.command == "demo-digits":
-        from .demo import run_digits_demo
+    else:
+        from ..demo import run_digits_demo
 
         result = run_digits_demo(
             density=args.density, steps=args.steps, n_train=args.n_train, seed=args.seed,
             lr=args.lr, scope=args.scope,
         )
-        print(result.report())
-    elif args.command == "info":
-        from .io import describe_file
-
-        print(describe_file(args.file))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    try:
-        _run(args)
-    except (SparsetuneError, FileNotFoundError) as exc:
-        print(f"sparsetune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    print(result.report())

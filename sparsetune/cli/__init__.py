@@ -1,0 +1,56 @@
+"""Command line ``sparsetune <command>``: parses arguments and calls the API, nothing more.
+
+Each command lives in its own module of this package, with ``COMMANDS`` (the sub-command names
+it handles), ``add_parsers(subparsers)`` and ``run(args)``. Bad input exits with status 2 and one
+line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from .. import __version__
+from ..errors import SparsetuneError
+
+# Order is the order of ``sparsetune --help``.
+_MODULES = ("demo", "mask", "delta", "bound", "subspace", "info")
+
+
+def _command_modules() -> list[ModuleType]:
+    modules = []
+    for name in _MODULES:
+        try:
+            modules.append(importlib.import_module(f"{__name__}.{name}"))
+        except ModuleNotFoundError as exc:  # a command not written yet
+            if exc.name != f"{__name__}.{name}":
+                raise
+    return modules
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
+    """The argument parser and which module runs each sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="sparsetune", description="Theory-driven sparse fine-tuning of PyTorch models."
+    )
+    parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    owners: dict[str, ModuleType] = {}
+    for module in _command_modules():
+        module.add_parsers(sub)
+        owners.update(dict.fromkeys(module.COMMANDS, module))
+    return parser, owners
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, owners = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        owners[args.command].run(args)
+    except (SparsetuneError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"sparsetune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
