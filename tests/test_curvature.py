@@ -562,6 +562,24 @@ def test_hvp_equals_dense_hessian_times_vector():
     _assert_close_dicts(got, want, atol=1e-12)
 
 
+def test_dual_number_hvp_equals_the_torch_func_transform_on_tiny_bert():
+    # Objective.hvp (dual numbers + autograd) is the fast path; jvp(grad) is its twin under vmap.
+    from sparsetune.curvature._functional import Objective, evaluating
+
+    model, data = _tiny_bert(), _bert_data()
+    objective = Objective(model, _hf_loss, [n for n, _ in model.named_parameters()])
+    gen = torch.Generator().manual_seed(1)
+    primals = objective.primals
+    v = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in primals.items()}
+    with evaluating(model):
+        fast = objective.hvp(data[0], v)
+        reference = objective.hvp_transform(data[0], v)
+    assert set(fast) == set(reference)
+    _assert_close_dicts(fast, reference, atol=1e-12)
+    assert all(not t.requires_grad for t in fast.values())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_dropout_is_off_during_the_estimate_and_the_model_is_left_as_found():
     model, data = _mlp(dropout=0.5), _class_data()
     model.train()

@@ -3,9 +3,10 @@
 Every estimator sees the model through :class:`Objective`: ``torch.func.functional_call`` swaps
 the chosen parameters for plain tensors while ``loss_fn(model, batch)`` runs, so the model itself
 is never modified (weights, ``.grad`` fields and hooks are left alone). Parameters outside the
-chosen set are constants. Hessian-vector products are forward-over-reverse,
-``jvp(grad(loss))``: exact, and without the second autograd graph that reverse-over-reverse
-keeps in memory (theory/ "Curvature").
+chosen set are constants. Hessian-vector products are forward-over-reverse: one reverse pass
+over dual-number parameters for a single vector (:meth:`Objective.hvp`), ``jvp(grad(loss))``
+under ``vmap`` for a stack of vectors. Both are exact, and neither keeps the second autograd
+graph that reverse-over-reverse holds in memory (theory/ "Curvature").
 
 The total loss is L(theta) = sum over batches b of ``loss_fn(model, batch_b)``: every curvature
 quantity in this package is of that sum (divide by the number of batches for the mean).
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -191,7 +193,31 @@ class Objective:
         return torch.func.grad(self.loss)(self.primals if params is None else params, batch)
 
     def hvp(self, batch: Any, tangents: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """H_b v for one batch, forward-over-reverse (``jvp`` of ``grad``)."""
+        """H_b v for one batch, forward-over-reverse with dual numbers.
+
+        The parameters become dual tensors (value theta, tangent v) and one reverse pass runs
+        inside the dual level, so every backward operation carries its tangent: the tangent of
+        the gradient is H v. Same mathematics as ``jvp(grad(loss))`` (:meth:`hvp_transform`), but
+        the reverse pass is plain autograd rather than a functorch transform, which measured
+        about 20% faster on MiniLM (benchmarks/curvature.py).
+        """
+        names = list(self.primals)
+        with torch.enable_grad(), fwAD.dual_level():
+            leaves = [self.primals[n].detach().requires_grad_(True) for n in names]
+            duals = {
+                n: fwAD.make_dual(leaf, tangents[n].to(leaf.dtype))
+                for n, leaf in zip(names, leaves)
+            }
+            loss = self.loss(duals, batch)
+            grads = torch.autograd.grad(loss, list(duals.values()), allow_unused=True)
+            out = {}
+            for n, leaf, g in zip(names, leaves, grads):
+                tangent = None if g is None else fwAD.unpack_dual(g).tangent
+                out[n] = torch.zeros_like(leaf) if tangent is None else tangent.detach()
+        return out
+
+    def hvp_transform(self, batch: Any, tangents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """H_b v for one batch as ``jvp(grad(loss))`` with torch.func (composes with vmap)."""
 
         def gradient(p: Mapping[str, Tensor]) -> dict[str, Tensor]:
             return torch.func.grad(self.loss)(p, batch)
@@ -204,7 +230,7 @@ class Objective:
         if first.shape[0] == 1:
             return {n: t.unsqueeze(0) for n, t in self.hvp(
                 batch, {k: v[0] for k, v in tangents.items()}).items()}
-        return torch.func.vmap(lambda t: self.hvp(batch, t))(dict(tangents))
+        return torch.func.vmap(lambda t: self.hvp_transform(batch, t))(dict(tangents))
 
 
 # -- running over data ---------------------------------------------------------------------------
