@@ -6,9 +6,10 @@ selects M, trains only the selected entries, and ships the result as a sparse de
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import curvature, data
+from . import bounds, curvature, data, integrations, subspace
 from .delta import BaseModelMismatchError, SparseDelta, merge_deltas
 from .errors import (
+    CurvatureError,
     InvalidArgumentError,
     InvalidMaskError,
     InvalidScoresError,
@@ -18,8 +19,18 @@ from .errors import (
 )
 from .io import FileFormatError, load_mask, save_mask
 from .mask import Mask, ParameterSummary, budget_size
-from .optim import ChildTuningF, MaskedOptimizer, SparseAdamW, SparseSGD, optimizer_state_nbytes
-from .select import METHODS, select
+from .optim import (
+    ChildTuningF,
+    MaskedOptimizer,
+    Mixout,
+    SparseAdamW,
+    SparseGradientFallbackWarning,
+    SparseGradients,
+    SparseSGD,
+    optimizer_state_nbytes,
+    prepare,
+)
+from .select import METHODS, select, select_for_task
 
 try:
     __version__ = version("sparsetune")
@@ -30,26 +41,35 @@ __all__ = [
     "METHODS",
     "BaseModelMismatchError",
     "ChildTuningF",
+    "CurvatureError",
     "FileFormatError",
     "InvalidArgumentError",
     "InvalidMaskError",
     "InvalidScoresError",
     "Mask",
     "MaskedOptimizer",
+    "Mixout",
     "ParameterMismatchError",
     "ParameterSummary",
     "SparseAdamW",
     "SparseDelta",
+    "SparseGradientFallbackWarning",
+    "SparseGradients",
     "SparseSGD",
     "SparsetuneError",
     "StateMismatchError",
     "__version__",
+    "bounds",
     "budget_size",
     "curvature",
     "data",
+    "integrations",
     "load_mask",
     "merge_deltas",
     "optimizer_state_nbytes",
+    "prepare",
     "save_mask",
     "select",
+    "select_for_task",
+    "subspace",
 ]

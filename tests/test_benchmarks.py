@@ -22,3 +22,19 @@ def test_gather_floor_quick(tmp_path):
     assert (tmp_path / "gather_floor-quick.json").exists()
     rows = result["median_seconds"]  # the table's row names, not timings
     assert {"gather (index_select)", "3 passes"} <= set(rows)
+
+
+def test_sparse_training_benchmark_quick(tmp_path):
+    from benchmarks import sparse_training
+
+    result = sparse_training.main(["--quick", "--output-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "sparse_training-quick.json").read_text())
+    assert written["status"] == "complete"
+    rows = {r["method"]: r for r in result["task"]}
+    assert set(rows) == set(sparse_training.METHODS)
+    assert all("error" not in r for r in result["task"] + result["bert_base"])
+    assert rows["sparse"]["compact_tensors"] > 0 and rows["sparse"]["fallback_tensors"] == []
+    # the same mask everywhere: the same number of trained entries, far fewer than full
+    assert rows["sparse"]["trained_entries"] == rows["masked"]["trained_entries"]
+    assert rows["sparse"]["trained_entries"] < rows["full"]["trained_entries"] / 50
+    assert {t["verdict"] for t in result["targets"]} <= {"PASS", "MISS"}

@@ -147,3 +147,20 @@ def test_merge_policies():
     foreign = SparseDelta.extract(other, _state(other), Mask.full(other))
     with pytest.raises(st.BaseModelMismatchError, match="different base"):
         merge_deltas([d1, foreign])
+
+
+def test_info_travels_with_the_file_and_through_merges(tmp_path):
+    base = _base()
+    theta0 = _state(base)
+    masks = [st.select(base, "random", 0.2, seed=s) for s in (1, 2)]
+    deltas = []
+    for i, mask in enumerate(masks):
+        tuned = _finetune(copy.deepcopy(base), mask, seed=i)
+        deltas.append(SparseDelta.extract(tuned, theta0, mask, info={"task": "a", "n": 3}))
+    path = deltas[0].save(tmp_path / "d.safetensors")
+    assert SparseDelta.load(path).info == {"task": "a", "n": "3"}  # strings, as saved
+    assert merge_deltas(deltas).info == {"task": "a", "n": "3"}
+    other = SparseDelta.extract(copy.deepcopy(base), theta0, masks[1], info={"task": "b"})
+    assert merge_deltas([deltas[0], other]).info == {}  # they disagree: none kept
+    plain = SparseDelta.extract(copy.deepcopy(base), theta0, masks[1])
+    assert SparseDelta.load(plain.save(tmp_path / "p.safetensors")).info == {}

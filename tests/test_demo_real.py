@@ -99,6 +99,17 @@ def test_report_compares_every_method_on_the_same_budget(run):
     assert (result.n_validation, result.n_test) == (10, 19)
 
 
+def test_report_prints_the_stability_diagnostics_of_the_tuned_model(run):
+    result, report = run
+    from sparsetune.bounds import BoundReport
+
+    assert isinstance(result.stability, BoundReport), result.stability
+    constants = result.stability.constants
+    assert constants.rho > 0 and constants.lambda_max >= constants.lambda_min
+    assert "stability diagnostics of the sam-tuned model" in report
+    assert str(result.stability) in report
+
+
 @pytest.mark.slow
 def test_the_same_seed_gives_the_same_run(run, tmp_path):
     result, _ = run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ from ._selection import (
     mask_fingerprint,
     named_parameter_groups,
 )
+from .sparse_gradients import selected_gradient
 
 DECAY_TARGETS = ("zero", "init")
 
@@ -30,6 +32,10 @@ class CompactStateOptimizer(Optimizer):
     given by name (a module, ``named_parameters()``, or groups of ``(name, parameter)``) so the
     mask can be matched to them. A parameter with no selected entry is never touched; a fully
     selected one is updated in place with no index.
+
+    Gradients may be dense, or the compact ones of :func:`sparsetune.prepare` (the k selected
+    values only), which are read directly. :meth:`clip_grad_norm_` clips by the norm of the
+    selected entries; :meth:`step_in_backward` fuses the update into ``backward()``.
     """
 
     def __init__(self, model_or_named_params: Any, mask: Mask, defaults: dict[str, Any]) -> None:
@@ -75,6 +81,67 @@ class CompactStateOptimizer(Optimizer):
         """The selected entries of ``param`` (flat indices, or all / none)."""
         return self._selections[param]
 
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> Tensor:
+        """Scale the gradients so that the norm of their selected entries is at most max_norm.
+
+        The global ``norm_type`` norm is taken over the selected entries of every parameter
+        (gradients at frozen entries are never used, so they do not count), and every gradient
+        is multiplied by min(1, max_norm / (norm + 1e-6)), as ``torch.nn.utils.clip_grad_norm_``
+        does. Works on dense gradients and on the compact ones of :func:`sparsetune.prepare`
+        (which ``torch.nn.utils.clip_grad_norm_`` rejects). Returns the norm before clipping.
+        """
+        max_norm = check_non_negative("max_norm", max_norm)
+        norm_type = float(norm_type)
+        values, grads = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                sel = self._selections[p]
+                if p.grad is not None and sel.kind != "none":
+                    values.append(selected_gradient(p, sel))
+                    grads.append(p.grad)
+        if not values:
+            return torch.tensor(0.0)
+        device = values[0].device
+        norms = [torch.linalg.vector_norm(v, norm_type).to(device) for v in values]
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        if error_if_nonfinite and not bool(torch.isfinite(total)):
+            raise InvalidArgumentError(
+                f"the total norm of order {norm_type} of the selected gradients is "
+                f"{float(total)}; set error_if_nonfinite=False to clip anyway"
+            )
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            (g._values() if g.is_sparse else g).mul_(coef.to(g.device))
+        return total
+
+    def step_in_backward(self) -> StepInBackward:
+        """Update each parameter inside ``backward()``, as soon as its gradient is complete.
+
+        A post-accumulate-grad hook on every parameter with selected entries runs this
+        optimizer's update for that parameter alone and then frees its gradient, so no full set
+        of gradients is ever held (with :func:`sparsetune.prepare`, not even compact ones).
+        The updates are the ones :meth:`step` would make; ``step()`` then finds no gradient and
+        does nothing, so a training loop need not change. Every ``backward()`` is one step:
+        no gradient accumulation, and no clipping by a global norm (it needs every gradient
+        first). Optimizer step hooks do not run for these updates. Returns a handle whose
+        ``remove()`` ends the mode.
+        """
+        handles = []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if self._selections[p].kind != "none" and p.requires_grad:
+                    hook = functools.partial(self._step_in_backward, index)
+                    handles.append(p.register_post_accumulate_grad_hook(hook))
+        return StepInBackward(handles)
+
+    @torch.no_grad()
+    def _step_in_backward(self, index: int, param: Tensor) -> None:
+        self._step_per_parameter(self.param_groups[index], [param])
+        param.grad = None
+
     # -- the step -------------------------------------------------------------------------
     def _flat_keys(self, group: dict[str, Any]) -> list[str]:
         """State keys kept in one flat buffer per group (fast path); empty: per-parameter only."""
@@ -96,18 +163,17 @@ class CompactStateOptimizer(Optimizer):
                     flat.forget_values()
         return loss
 
-    def _step_per_parameter(self, group: dict[str, Any]) -> None:
+    def _step_per_parameter(self, group: dict[str, Any], only: list[Tensor] | None = None) -> None:
         params, grads, values, states = [], [], [], []
-        for p in group["params"]:
+        for p in group["params"] if only is None else only:
             sel = self._selections[p]
             if p.grad is None or sel.kind == "none":
                 continue
-            _check_dense(p.grad, self)
             state = self.state[p]
             if "step" not in state:
                 self._init_state(group, state, sel.count, p)
             params.append((p, sel))
-            grads.append(sel.gather(p.grad))
+            grads.append(selected_gradient(p, sel))
             values.append(sel.gather(p))
             states.append(state)
         if not params:
@@ -141,7 +207,6 @@ class CompactStateOptimizer(Optimizer):
         if any(p.grad is None for p in params):
             return None  # build once every parameter has a gradient (and so its state)
         for p in params:
-            _check_dense(p.grad, self)
             if "step" not in self.state[p]:
                 self._init_state(group, self.state[p], self._selections[p].count, p)
         flat = _FlatGroup(params, [self._selections[p] for p in params], keys, self.state)
@@ -178,14 +243,6 @@ class CompactStateOptimizer(Optimizer):
         states: list[dict[str, Any]],
     ) -> None:
         raise NotImplementedError
-
-
-def _check_dense(grad: Tensor, optimizer: Optimizer) -> None:
-    if grad.is_sparse:
-        raise InvalidArgumentError(
-            f"{type(optimizer).__name__} does not support sparse gradients "
-            f"(nn.Embedding(sparse=True)); use dense gradients"
-        )
 
 
 class _FlatGroup:
@@ -227,18 +284,12 @@ class _FlatGroup:
     def ready(self, state: Mapping[Tensor, dict[str, Any]]) -> bool:
         """True when the fast path applies: every gradient present, every step count equal."""
         first = state[self.params[0]].get("step")
-        return all(
-            p.grad is not None and not p.grad.is_sparse and state[p].get("step") == first
-            for p in self.params
-        )
+        return all(p.grad is not None and state[p].get("step") == first for p in self.params)
 
     def gather_gradients(self) -> Tensor:
         grad = torch.empty_like(self.values)  # transient: freed after the step
         for p, sel, part in zip(self.params, self.selections, self.slices):
-            if sel.index is None:
-                grad[part].copy_(p.grad.reshape(-1))
-            else:
-                torch.index_select(p.grad.reshape(-1), 0, sel.index, out=grad[part])
+            selected_gradient(p, sel, out=grad[part])
         return grad
 
     def current_values(self) -> Tensor:
@@ -260,6 +311,24 @@ class _FlatGroup:
 
     def tensors(self) -> list[Tensor]:
         return [self.values]
+
+
+class StepInBackward:
+    """Handle of :meth:`CompactStateOptimizer.step_in_backward`; ``remove()`` ends the mode."""
+
+    def __init__(self, handles: list[Any]) -> None:
+        self._handles = handles
+
+    def __enter__(self) -> StepInBackward:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _forget_flat_state(optimizer: CompactStateOptimizer) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ParameterMismatchError, StateMismatchError
+from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
 
 #: Key under which optimizers store the mask fingerprint in ``state_dict()``.
@@ -102,10 +102,33 @@ def named_parameter_groups(model_or_named_params: Any) -> list[dict[str, Any]]:
     return out
 
 
+def reject_sharded_parameters(named: Iterable[tuple[str, Tensor]], who: str = "sparsetune") -> None:
+    """Raise if any parameter is a DTensor (FSDP2 ``fully_shard``, tensor parallelism).
+
+    Masks and the sparse optimizers index entries of full parameters; a DTensor holds one
+    shard per rank, so they cannot be applied to it.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has no DTensor
+        return
+    sharded = [f"{n} ({p.placements})" for n, p in named if isinstance(p, DTensor)]
+    if sharded:
+        raise InvalidArgumentError(
+            f"{who} does not support sharded parameters (FSDP2 fully_shard, tensor "
+            f"parallelism): {len(sharded)} parameters are DTensors, e.g. {sharded[:3]}. A mask "
+            f"selects entries of full parameters, but each rank holds only a shard. Use "
+            f"DistributedDataParallel instead (its ranks hold full parameters, and a sparse "
+            f"optimizer's state is already small)"
+        )
+
+
 def check_coverage(
     named: Iterable[tuple[str, Tensor]], mask: Mask, where: str
 ) -> None:
-    """Raise if a parameter is missing from ``mask`` or has another shape there."""
+    """Raise if a parameter is sharded, missing from ``mask`` or has another shape there."""
+    named = list(named)
+    reject_sharded_parameters(named, where)
     missing, misshaped = [], []
     for name, p in named:
         if name not in mask:

@@ -112,8 +112,10 @@ class MaskedOptimizer(OptimizerWrapper):
                 if p.grad is not None and sel.kind == "some":
                     if p.grad.is_sparse:
                         raise InvalidArgumentError(
-                            "MaskedOptimizer does not support sparse gradients "
-                            "(nn.Embedding(sparse=True)); use dense gradients"
+                            "MaskedOptimizer needs dense gradients, got a sparse one (from "
+                            "sparsetune.prepare's sparse-gradient mode, or "
+                            "nn.Embedding(sparse=True)); use SparseAdamW or SparseSGD with "
+                            "sparse gradients, or remove() the sparse-gradient mode"
                         )
                     kept = sel.gather(p.grad)
                     p.grad.zero_()

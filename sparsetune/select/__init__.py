@@ -1,18 +1,27 @@
 """Selection strategies behind one interface: ``select(model, method, density, ...) -> Mask``.
 
 Families (Fu et al., AAAI 2023): random (``random``), rule-based (``bitfit``, ``names``,
-``magnitude``), projection-based (``child_pruning``, ``lt_sft``, ``diff_pruning``) and ``sam``;
+``magnitude``), projection-based (``child_pruning``, ``lt_sft``, ``diff_pruning``) and SAM
+(``sam``, ``sam_curvature``);
 per-step random methods (``child_tuning_f``) are optimizers, listed here so every method is found
 in one place.
 Score functions are exported too, for users who want the scores rather than the mask.
 """
 
+from .offline import load_task_spec, select_for_task
 from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
-from .registry import METHODS, MethodInfo, method_info, register_method, select
+from .registry import METHODS, MethodInfo, method_info, method_options, register_method, select
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
-from .sam import accumulated_gradient, sam_scores
+from .sam import (
+    DEFAULT_FLOOR_FRACTION,
+    accumulated_gradient,
+    floored_curvature,
+    sam_curvature_scores,
+    sam_scores,
+)
 
 __all__ = [
+    "DEFAULT_FLOOR_FRACTION",
     "METHODS",
     "MethodInfo",
     "accumulated_gradient",
@@ -20,12 +29,17 @@ __all__ = [
     "diff_pruning_scores",
     "finetuned_values",
     "fisher_scores",
+    "floored_curvature",
+    "load_task_spec",
     "lt_sft_scores",
     "magnitude_scores",
     "method_info",
+    "method_options",
     "names_mask",
     "random_scores",
     "register_method",
+    "sam_curvature_scores",
     "sam_scores",
     "select",
+    "select_for_task",
 ]

@@ -88,3 +88,35 @@ def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 
 def trainable(model: nn.Module) -> list[tuple[str, Tensor]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+
+class _FirstBatches:
+    """The first ``limit`` batches of a re-iterable ``data``, itself re-iterable."""
+
+    def __init__(self, data: Iterable[Any], limit: int) -> None:
+        self.data, self.limit = data, limit
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.data):
+            if i >= self.limit:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.data) if hasattr(self.data, "__len__") else self.limit  # type: ignore
+        return min(n, self.limit)
+
+
+def reiterable(data: Iterable[Any], limit: int | None, argname: str = "data") -> Iterable[Any]:
+    """``data`` (its first ``limit`` batches), readable more than once.
+
+    Methods that pass over the data twice (a gradient, then a curvature) must see the same
+    batches; a one-shot iterator cannot be read twice, so it is refused with a clear error.
+    """
+    if iter(data) is data:
+        raise InvalidArgumentError(
+            f"{argname} is a one-shot iterator ({type(data).__name__}), but it is read twice "
+            f"(gradient, then curvature): pass a list or a DataLoader"
+        )
+    return data if limit is None else _FirstBatches(data, limit)

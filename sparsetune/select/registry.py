@@ -13,9 +13,9 @@ from ..mask import Mask
 from ._data import LossFn, trainable, transformers_loss
 from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
-from .sam import sam_scores
+from .sam import sam_curvature_scores, sam_scores
 
-__all__ = ["METHODS", "MethodInfo", "method_info", "register_method", "select"]
+__all__ = ["METHODS", "MethodInfo", "method_info", "method_options", "register_method", "select"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,22 @@ def _sam(model, density, scope, always_train, data, loss_fn, num_batches=None, m
     return Mask.top_k(scores, density, scope, always_train=always_train)
 
 
+_PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")
+
+
+@_register("sam_curvature", "sam", True, True,
+           "SAM, exact criterion: largest g_i^2 / max(h_i, floor), h a Hessian-diagonal estimate")
+def _sam_curvature(model, density, scope, always_train, data, loss_fn, seed=0, **options):
+    if loss_fn is transformers_loss and options.get("curvature_method") in _PER_EXAMPLE:
+        from ..curvature import OutputLoss
+
+        loss_fn = OutputLoss.transformers()  # the same loss, with its per-example structure
+    options.setdefault("progress", True)
+    scores = sam_curvature_scores(model, loss_fn, data, exclude=always_train, seed=seed,
+                                  **options)
+    return Mask.top_k(scores, density, scope, always_train=always_train)
+
+
 def _optimizer_side(name: str, description: str, optimizer: str) -> None:
     info = MethodInfo(name, "optimizer", False, True, description, optimizer)
 
@@ -123,6 +139,12 @@ _optimizer_side(
     "child_tuning_f",
     "Child-Tuning-F: a fresh Bernoulli(p) gradient mask each step, scaled by 1/p",
     "sparsetune.ChildTuningF(torch.optim.AdamW(model.parameters(), lr=...), reserve_p=p)",
+)
+_optimizer_side(
+    "mixout",
+    "Mixout: each step every entry is mixed back to theta0 with probability p, the rest "
+    "rescaled by 1/(1-p)",
+    "sparsetune.optim.Mixout(torch.optim.AdamW(model.parameters(), lr=...), mix_p=p)",
 )
 
 
@@ -166,8 +188,17 @@ _OPTIONS = {
     "lt_sft": {"steps", "lr", "progress"},
     "diff_pruning": {"steps", "lr", "l0_weight", "init_log_alpha", "progress"},
     "sam": {"num_batches", "max_grad_norm", "progress"},
+    "sam_curvature": {"num_batches", "max_grad_norm", "curvature_method", "num_samples",
+                      "curvature_data", "curvature", "floor", "floor_fraction", "progress"},
     "child_tuning_f": set(),
+    "mixout": set(),
 }
+
+
+def method_options(method: str) -> frozenset[str]:
+    """The option names ``select(model, method, ...)`` accepts for ``method``."""
+    method_info(method)
+    return frozenset(_OPTIONS.get(method, ()))
 
 
 def method_info(method: str) -> MethodInfo:
@@ -203,7 +234,9 @@ def select(
         seed: seed of random choices (random masks, dropout in burn-in steps).
         always_train: parameter names trained in full and left out of the budget.
         options: method options (``num_batches``, ``max_grad_norm``, ``steps``, ``lr``,
-            ``burn_in_steps``, ``include``, ``exclude``, ``progress``).
+            ``burn_in_steps``, ``include``, ``exclude``, ``progress``; for ``sam_curvature``
+            also ``curvature_method``, ``num_samples``, ``curvature_data``, ``curvature``,
+            ``floor``, ``floor_fraction``: see :func:`sparsetune.select.sam_curvature_scores`).
     """
     info = method_info(method)
     if info.family == "optimizer":

@@ -1,30 +1,38 @@
-"""SAM, the paper's practical variant: score_i = (sum of clipped batch gradients at theta0)_i^2.
+"""SAM scores (theory/ E5): the exact criterion g_i^2 / h_i and the paper's practical g_i^2.
 
 Fu et al. (AAAI 2023) keep the entries with the largest g_i^2 / h_i (theory/ E5); bounding the
 Hessian by |lambda_max| I turns the score into g_i^2, with g the sum of mini-batch gradients at
 theta0, each clipped to a global norm as in training, over N burn-in batches (the authors ran
-N = 600). Gradients are taken in eval mode (no dropout), so the scores are deterministic.
+N = 600): :func:`sam_scores`. :func:`sam_curvature_scores` keeps the exact criterion with a
+real estimate of h = diag(H) from :mod:`sparsetune.curvature`. Gradients are taken in eval
+mode (no dropout), so the scores are deterministic.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import InvalidArgumentError
+from ..errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
 from ._data import (
     LossFn,
     batches,
     check_positive_int,
     clipped_gradients,
     preserved,
+    reiterable,
     trainable,
 )
 
-__all__ = ["accumulated_gradient", "sam_scores"]
+__all__ = ["DEFAULT_FLOOR_FRACTION", "accumulated_gradient", "floored_curvature",
+           "sam_curvature_scores", "sam_scores"]
+
+DEFAULT_FLOOR_FRACTION = 0.1
+"""Default floor of h in :func:`sam_curvature_scores`, as a fraction of the mean of |h|."""
 
 
 def accumulated_gradient(
@@ -77,3 +85,150 @@ def sam_scores(
         progress=progress,
     )
     return {n: t.square() for n, t in g.items()}
+
+
+def floored_curvature(
+    curvature: Mapping[str, Tensor],
+    *,
+    floor: float | None = None,
+    floor_fraction: float | None = None,
+) -> tuple[dict[str, Tensor], float]:
+    """h_i <- max(h_i, epsilon), and epsilon: the positive h that E5's minimiser needs.
+
+    epsilon is ``floor`` when given, else ``floor_fraction`` (default
+    :data:`DEFAULT_FLOOR_FRACTION`) times the mean of |h_i| over every entry of ``curvature``.
+    Non-finite entries raise :class:`CurvatureError` naming the parameter.
+    """
+    if floor is not None and floor_fraction is not None:
+        raise InvalidArgumentError(
+            f"give floor (absolute) or floor_fraction (of mean |h|), not both; got "
+            f"floor={floor!r}, floor_fraction={floor_fraction!r}"
+        )
+    for name, h in curvature.items():
+        finite = torch.isfinite(h)
+        if not bool(finite.all()):
+            n_nan = int(torch.isnan(h).sum())
+            raise CurvatureError(
+                f"curvature of parameter '{name}' has {n_nan} NaN and "
+                f"{int((~finite).sum()) - n_nan} infinite entries (of {h.numel()})"
+            )
+    if floor is None:
+        fraction = DEFAULT_FLOOR_FRACTION if floor_fraction is None else floor_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            fraction > 0 and math.isfinite(fraction)
+        ):
+            raise InvalidArgumentError(
+                f"floor_fraction must be a finite number > 0, got floor_fraction={fraction!r}"
+            )
+        total = sum(float(h.detach().abs().sum(dtype=torch.float64)) for h in curvature.values())
+        count = sum(h.numel() for h in curvature.values())
+        epsilon = fraction * total / max(count, 1)
+        if not epsilon > 0:
+            raise CurvatureError(
+                "the curvature estimate is 0 on every scored entry, so a floor relative to its "
+                "mean is 0: pass an absolute floor= (> 0)"
+            )
+    else:
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not (
+            floor > 0 and math.isfinite(floor)
+        ):
+            raise InvalidArgumentError(f"floor must be a finite number > 0, got floor={floor!r}")
+        epsilon = float(floor)
+    return {n: h.detach().clamp(min=epsilon) for n, h in curvature.items()}, epsilon
+
+
+def sam_curvature_scores(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    *,
+    num_batches: int | None = None,
+    max_grad_norm: float | None = 1.0,
+    curvature_method: str = "hutchinson",
+    num_samples: int | None = None,
+    curvature_data: Iterable[Any] | None = None,
+    curvature: Mapping[str, Tensor] | None = None,
+    floor: float | None = None,
+    floor_fraction: float | None = None,
+    exclude: Iterable[str] = (),
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    r"""SAM's exact criterion g_i^2 / max(h_i, epsilon) (theory/ E5, the paper's Theorem 3).
+
+    In the second-order model L(theta0 + M d) ~ L0 + g^T M d + 1/2 (M d)^T diag(h) (M d) the
+    best d for a fixed mask is d_i = -g_i / h_i and the loss falls by 1/2 sum_{i in M} g_i^2 /
+    h_i, so the top-k of these scores is the best mask of size k. The minimiser needs h > 0, and
+    the true diagonal is not (the Hessian at theta0 is indefinite; a Hutchinson estimate can be
+    negative by noise), hence the floor h_i <- max(h_i, epsilon), with epsilon = ``floor``, or
+    by default ``floor_fraction`` (0.1) times the mean |h_i| over the scored entries. Why this
+    default: it is scale-free (g^2/h changes units with the loss, a fraction does not), it
+    leaves the well-estimated large h_i exact, and it caps how much a flat or noisy entry can be
+    boosted (at most 1/floor_fraction times the mean curvature). Raising the fraction moves the
+    ranking towards the practical g_i^2 score (a floor above every h_i gives exactly g^2's
+    ranking); with ``curvature_method="ggn"`` (PSD) or ``"exact"`` a small fraction is safe.
+
+    Args:
+        num_batches, max_grad_norm: g as in :func:`sam_scores`: the sum of batch gradients at
+            theta0 over the first ``num_batches`` batches (all when None), each clipped to the
+            global norm ``max_grad_norm`` (None: not clipped).
+        curvature_method: a :data:`sparsetune.curvature.METHODS` name (default
+            ``"hutchinson"``), computed on ``curvature_data`` (default: the same batches as
+            g; the data must then be re-iterable: a list or DataLoader). ``"ggn"``,
+            ``"ggn_mc"`` and ``"empirical_fisher"`` need an ``OutputLoss`` as ``loss_fn``.
+        num_samples: probes (Hutchinson) or label samples (ggn_mc) per batch.
+        curvature: a precomputed ``name -> h`` (then no curvature is computed; reuse it for
+            several densities). Must cover every scored parameter.
+        floor, floor_fraction: the floor epsilon, absolute or as a fraction of mean |h| (one
+            of the two; see above).
+        exclude: parameter names left unscored (score 0; e.g. an always-trained head), which
+            saves their curvature.
+        seed: seed of the curvature probes.
+
+    Returns:
+        ``name -> g^2 / max(h, epsilon)`` for every parameter that requires grad.
+
+    Raises:
+        CurvatureError: NaN or infinite curvature (names the parameter), or h = 0 everywhere
+            with a relative floor.
+    """
+    from .. import curvature as curvature_api
+
+    exclude = set(exclude)
+    names = [n for n, _ in trainable(model) if n not in exclude]
+    if not names:
+        raise InvalidArgumentError("sam_curvature has no parameter to score (all excluded)")
+    check_positive_int("num_batches", num_batches, allow_none=True)
+    if curvature is None and curvature_data is None:
+        data = reiterable(data, num_batches)
+    g = accumulated_gradient(
+        model, loss_fn, data, num_batches=num_batches, max_grad_norm=max_grad_norm,
+        progress=progress,
+    )
+    if curvature is None:
+        h = curvature_api.hessian_diagonal(
+            model, loss_fn, data if curvature_data is None else curvature_data,
+            method=curvature_method, params=names, num_samples=num_samples, seed=seed,
+            progress=progress,
+        )
+    else:
+        if num_samples is not None or curvature_data is not None:
+            raise InvalidArgumentError(
+                "curvature= is precomputed: num_samples and curvature_data do not apply"
+            )
+        missing = [n for n in names if n not in curvature]
+        shapes = [
+            f"{n}: curvature {tuple(curvature[n].shape)}, gradient {tuple(g[n].shape)}"
+            for n in names
+            if n in curvature and curvature[n].shape != g[n].shape
+        ]
+        if missing or shapes:
+            raise ParameterMismatchError(
+                f"curvature does not cover the scored parameters: missing {missing}; "
+                f"wrong shapes {shapes}"
+            )
+        h = {n: curvature[n] for n in names}
+    h, _ = floored_curvature(h, floor=floor, floor_fraction=floor_fraction)
+    return {
+        n: (t.square() / h[n].to(t)) if n in h else torch.zeros_like(t) for n, t in g.items()
+    }

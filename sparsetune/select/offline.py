@@ -1,0 +1,111 @@
+"""Masks for a transformers model folder and a text-classification data set, in one call.
+
+This is what ``sparsetune mask`` runs: load the task (a name from
+:data:`sparsetune.data.TASKS` or ``csv:FILE``), load the model with a head for its labels,
+tokenize the training split into seeded shuffled batches, and :func:`select`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import InvalidArgumentError, check_density
+from ..mask import Mask
+from .registry import method_info, method_options, select
+
+__all__ = ["load_task_spec", "select_for_task"]
+
+
+def load_task_spec(spec: str, *, seed: int = 0, max_examples: int | None = None) -> Any:
+    """A :class:`sparsetune.data.TaskData` from a task name or ``"csv:FILE"`` (columns text,
+    label)."""
+    from ..data import TASKS, load_csv_task, load_task
+
+    if spec.startswith("csv:"):
+        return load_csv_task(spec[4:], seed=seed, max_examples=max_examples)
+    if spec not in TASKS:
+        raise InvalidArgumentError(
+            f"unknown data={spec!r}: use a task name ({', '.join(TASKS)}) or csv:FILE"
+        )
+    return load_task(spec, seed=seed, max_examples=max_examples)
+
+
+def select_for_task(
+    method: str,
+    density: float | None = None,
+    *,
+    model: str | Path | None = None,
+    data: str | None = None,
+    scope: str = "global",
+    seed: int = 0,
+    num_batches: int | None = None,
+    batch_size: int = 16,
+    max_length: int = 64,
+    max_examples: int | None = None,
+    num_labels: int | None = None,
+    always_train: Iterable[str] | None = None,
+    progress: bool = True,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[Mask, nn.Module]:
+    """Select a mask of ``model`` (a local transformers folder; None: the embedded MiniLM).
+
+    Args:
+        data: a task name or ``"csv:FILE"``; needed by data-driven methods, and otherwise
+            only used for its number of labels (``num_labels``, default 2, when absent).
+        num_batches: batches of the training split the method reads (``num_batches`` of
+            gradient methods, ``steps`` of fine-tuning ones; None: the method's default).
+        batch_size, max_length: tokenized batches (shuffled with ``seed``).
+        always_train: names trained in full, outside the budget (None: the classifier head).
+        options: further method options (see :func:`select`).
+
+    Returns:
+        The mask and the model it was computed on (unchanged), to save with ``model=``.
+    """
+    from ..data import HEAD_PARAMETERS, batches, load_pretrained
+
+    info = method_info(method)
+    if info.uses_density and density is not None:
+        check_density(density)
+    takes = method_options(method)
+    needs_data = info.needs_data or bool((options or {}).get("burn_in_steps"))
+    if needs_data and data is None:
+        raise InvalidArgumentError(
+            f"method {method!r} is data-driven: give data (a task name or csv:FILE)"
+        )
+    opts = dict(options or {})
+    if num_batches is not None:
+        key = "num_batches" if "num_batches" in takes else "steps" if "steps" in takes else None
+        if key is None:
+            raise InvalidArgumentError(
+                f"method {method!r} reads no batches, so num_batches={num_batches!r} does not "
+                f"apply"
+            )
+        opts[key] = num_batches
+    if "progress" in takes:
+        opts.setdefault("progress", progress)
+    task = load_task_spec(data, seed=seed, max_examples=max_examples) if data else None
+    if task is not None and num_labels is not None and num_labels != task.num_labels:
+        raise InvalidArgumentError(
+            f"num_labels={num_labels} but data {data!r} has {task.num_labels} labels"
+        )
+    labels = task.num_labels if task is not None else (num_labels or 2)
+    network, tokenizer = load_pretrained(model, num_labels=labels, seed=seed)
+    if always_train is None:
+        names = dict(network.named_parameters())
+        always_train = [n for n in HEAD_PARAMETERS if n in names]
+    train = None
+    if needs_data:
+        if tokenizer is None:
+            raise InvalidArgumentError(
+                f"model folder {str(model)!r} has no tokenizer, which method {method!r} needs "
+                f"to read the data"
+            )
+        train = batches(task.train, tokenizer, batch_size=batch_size, max_length=max_length,
+                        shuffle=True, seed=seed)
+    mask = select(network, method, density, data=train, scope=scope, seed=seed,
+                  always_train=always_train, **opts)
+    return mask, network

@@ -1,0 +1,113 @@
+"""benchmarks/quality.py: the quick configuration end to end, resuming, and its measuring parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from benchmarks import quality
+from sparsetune import data
+from sparsetune.errors import StateMismatchError
+
+
+def test_quick_run_writes_table_and_resumes(tmp_path):
+    summary = quality.main(["--quick", "--output-dir", str(tmp_path)])
+    assert summary["status"] == "complete", summary["failed_runs"]
+    runs = sorted((tmp_path / "runs").glob("*.json"))
+    # lr selection: 2 methods x 2 lrs; sweep at p = 5%: 2 methods x 2 lrs.
+    assert len(runs) == 8 and summary["new_runs"] == 8
+    records = [json.loads(p.read_text()) for p in runs]
+    for r in records:
+        assert r["frozen_entries_moved"] == 0  # only the masks' entries moved
+        assert 0 < r["changed_entries"] <= r["trainable_entries"]
+        assert r["protocol"] == dataclasses.asdict(quality.QUICK)
+        assert len(r["losses"]) == quality.QUICK.steps and not r["diverged"]
+        assert (r["train"] is not None) == r["spec"]["sweep"]
+    for method in ("random", "sam"):
+        row = summary["table"][method]
+        assert row["status"] == "ok"
+        tried = {r["spec"]["lr"]: r["validation"]["score"] for r in records
+                 if r["spec"]["method"] == method and not r["spec"]["sweep"]}
+        assert len(tried) == 2
+        best = max(tried.values())
+        assert row["lr"] == min(lr for lr, v in tried.items() if v == best)  # the stated rule
+        [test_score] = [r["test"]["score"] for r in records if r["spec"]["lr"] == row["lr"]
+                        and r["spec"]["method"] == method and not r["spec"]["sweep"]]
+        assert row["tasks"]["rotten_tomatoes"]["mean"] == pytest.approx(100 * test_score)
+    assert {(r["method"], r["density"]) for r in summary["sweep"]["rows"]} == {
+        ("random", 0.05), ("sam", 0.05)}
+    table = (tmp_path / "table.md").read_text()
+    assert "| sam |" in table and "| random |" in table and "Density sweep" in table
+    assert (tmp_path / "density_sweep.png").stat().st_size > 0
+    assert json.loads((tmp_path / "quality.json").read_text())["status"] == "complete"
+
+    before = {p: p.stat().st_mtime_ns for p in runs}
+    again = quality.main(["--quick", "--output-dir", str(tmp_path)])
+    assert again["new_runs"] == 0  # every run is on disk: nothing is trained again
+    assert {p: p.stat().st_mtime_ns for p in runs} == before
+    assert again["table"] == summary["table"]
+
+
+def test_a_run_of_another_protocol_is_refused(tmp_path):
+    runner = quality.Runner(quality.QUICK, tmp_path)
+    spec = quality.RunSpec("rotten_tomatoes", "sam", 0.005, 0, 1e-3)
+    record = {"protocol": dataclasses.asdict(dataclasses.replace(quality.QUICK, steps=5))}
+    runner.path(spec).parent.mkdir(parents=True)
+    runner.path(spec).write_text(json.dumps(record))
+    with pytest.raises(StateMismatchError, match="steps': 5"):
+        runner.run(spec)
+
+
+def test_a_method_not_there_yet_is_listed_not_run(tmp_path, monkeypatch):
+    missing = dataclasses.replace(quality.RECIPES["random"], missing=lambda: "not built")
+    monkeypatch.setitem(quality.RECIPES, "random", missing)
+    summary = quality.main(["--summary-only", "--output-dir", str(tmp_path),
+                            "--tasks", "rotten_tomatoes", "--methods", "random", "sam"])
+    assert summary["table"]["random"]["status"] == "not available yet: not built"
+    assert summary["table"]["sam"]["status"] == "lr selection not finished"
+    assert summary["status"] == "partial" and summary["new_runs"] == 0
+    assert "not available yet: not built" in (tmp_path / "table.md").read_text()
+
+
+def test_lr_grid_scales_with_density():
+    assert quality.lr_grid("sam", 0.005, quality.LR_SCALES) == [0.000333, 0.001, 0.003]
+    assert quality.lr_grid("random", 0.02, [1.0]) == [0.005]  # 1e-2 x sqrt(0.005 / 0.02)
+    assert quality.lr_grid("full", None, [1.0]) == [2e-4]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_and_tokenizer():
+    _, tokenizer = data.load_model(2)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).eval(), tokenizer
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1"])
+def test_measure_agrees_with_data_evaluate_and_the_model_loss(tiny_bert_and_tokenizer, metric):
+    model, tokenizer = tiny_bert_and_tokenizer
+    split = quality._first(data.load_task("sms_spam").test, 70)  # batches of 32, 32, 6
+    batches = data.batches(split, tokenizer, batch_size=32, max_length=16)
+    measured = quality.measure(model, batches, metric)
+    assert measured["score"] == pytest.approx(data.evaluate(model, batches, metric), abs=1e-12)
+    with torch.no_grad():
+        total = sum(float(model(**b).loss) * len(b["labels"]) for b in batches)
+    assert measured["loss"] == pytest.approx(total / len(split), rel=1e-5)
+
+
+def test_peft_rank_comes_nearest_the_budget(tiny_bert_and_tokenizer):
+    pytest.importorskip("peft")
+    model, _ = tiny_bert_and_tokenizer
+    m = sum(p.numel() for p in model.parameters())
+    for method, density in (("lora", 0.05), ("adapter", 0.02)):
+        rank, targets = quality.peft_rank(model, quality.PEFT_TARGETS[method], density)
+        modules = dict(model.named_modules())
+        per_rank = sum(modules[t].in_features + modules[t].out_features for t in targets)
+        assert len(targets) == 4 if method == "lora" else len(targets) == 2
+        assert all(abs(rank * per_rank - density * m) <= abs(r * per_rank - density * m)
+                   for r in range(1, 4 * rank + 2))
