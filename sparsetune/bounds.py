@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from .curvature.output_loss import (
 )
 from .curvature.spectrum import default_tol, extreme_eigenvalues
 from .errors import InvalidArgumentError
+from .io import atomic_write
 from .mask import Mask
 
 __all__ = [
@@ -594,7 +594,7 @@ class BoundReport:
 
     def write_json(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_json` to ``path`` atomically; returns the path."""
-        return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(self.to_json() + "\n"))
+        return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(self.to_json() + "\n"))
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Write a PNG of E3 and E4 against p (log-log), the chosen p marked and the densities
@@ -629,22 +629,7 @@ class BoundReport:
             ax.set_yscale("linear")
             ax.text(0.5, 0.5, "no bound at any p", transform=ax.transAxes, ha="center")
         ax.legend(fontsize="small")
-        return _atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-
-
-def _atomic_write(target: Path, write: Callable[[str], object]) -> Path:
-    """``write(tmp)`` to a temporary file beside ``target``, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
+        return atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def diagnose(

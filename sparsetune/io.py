@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -54,23 +54,33 @@ class FileFormatError(SparsetuneError, ValueError):
     """A file is not a sparsetune file of the expected kind and version, or is damaged."""
 
 
-def atomic_save_safetensors(
-    tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str]
-) -> Path:
-    """Write a safetensors file to a temporary name in the same folder, then rename it."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A failure leaves no partial file (the temporary one is removed) and ``path`` as it was.
+    The file gets the permissions ``open()`` would give (mkstemp alone makes 0600).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return target
+
+
+def atomic_save_safetensors(
+    tensors: Mapping[str, Tensor], path: str | os.PathLike, metadata: Mapping[str, str]
+) -> Path:
+    """Write a safetensors file to a temporary name in the same folder, then rename it."""
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(contiguous, tmp, metadata=dict(metadata)))
 
 
 def _umask() -> int:

@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,13 @@ from tqdm.auto import tqdm
 
 from .delta import BaseModelMismatchError, SparseDelta, base_fingerprint
 from .errors import InvalidArgumentError, ParameterMismatchError
-from .io import FORMAT_VERSION, FileFormatError, atomic_save_safetensors, read_metadata
+from .io import (
+    FORMAT_VERSION,
+    FileFormatError,
+    atomic_save_safetensors,
+    atomic_write,
+    read_metadata,
+)
 from .mask import Mask
 
 __all__ = ["FIT_METHODS", "Landscape", "Subspace", "SubspaceTrainResult", "fit"]
@@ -491,7 +496,7 @@ class Landscape:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(7, 5.6), layout="constrained")
+        fig = Figure(figsize=(9, 5.6), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         mesh = ax.pcolormesh(
@@ -510,19 +515,9 @@ class Landscape:
                        linewidths=0.8)
         ax.scatter([0], [0], marker="+", color="red", s=80, label="base (z = 0)")
         ax.set(xlabel=f"z[{self.axes[0]}]", ylabel=f"z[{self.axes[1]}]", title=self.title)
-        ax.legend(fontsize="small", loc="best")
+        fig.legend(fontsize="small", loc="outside right upper")
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".png", dir=target.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return target
+        return atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
 class Subspace:
