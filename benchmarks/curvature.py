@@ -224,7 +224,7 @@ def measurements(model: torch.nn.Module, batch: dict[str, Any], probes: int
 
     return {
         "gradient": ("one gradient (autograd, whole batch)", gradient, 1),
-        "hvp": ("one HVP (forward-over-reverse)", lambda: curvature.hvp(
+        "hvp": ("one HVP (forward-over-reverse, dual numbers)", lambda: curvature.hvp(
             model, hf_loss, [batch], vector), 1),
         "hutchinson_probe": ("one Hutchinson probe (num_samples=1)",
                              diag(hf_loss, "hutchinson", num_samples=1), 1),
