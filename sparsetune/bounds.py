@@ -556,7 +556,10 @@ class BoundReport:
             g_txt = f"{g:>15.4g}" if math.isfinite(g) else f"{'no bound':>15}"
             lines.append(f"  {p:>10.4g}  {cur:>15.4g}  {s_txt}  {g_txt}{mark}")
         lines.append("")
-        if threshold is not None:
+        if threshold is not None and threshold <= 0:
+            lines.append("no bound at any p in (0, 1]: Lambda_min + 2 lam (1 - p) <= 0 even as "
+                         "p -> 0; the constants are held fixed across p")
+        elif threshold is not None:
             lines.append(f"no bound for p >= {threshold:.4g} (there Lambda_min + 2 lam (1 - p) "
                          f"<= 0); the constants are held fixed across p")
         lines.append(self.reason)

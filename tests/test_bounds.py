@@ -369,3 +369,12 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(bounds, raise_on_error=False).failed == 0
+
+
+def test_report_says_no_bound_at_any_density_when_lambda_min_is_below_minus_two_lam():
+    # p* = 1 + Lambda_min / (2 lam) = 1 - 27.8 / 2 < 0: no density gives a PSD regularised Hessian
+    report = diagnose(None, None, None, constants=_constants(-27.8, density=0.005), n=100)
+    text = str(report)
+    assert "no bound at any p in (0, 1]" in text and "no bound for p >=" not in text
+    assert not report.applies and report.stability_at_p is None
+    assert np.isinf(report.stability).all() and np.isinf(report.generalization).all()
