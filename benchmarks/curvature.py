@@ -27,16 +27,11 @@ cores), or ``--quick`` (a tiny BERT built in code, seconds).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import json
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,18 +41,23 @@ import torch
 
 from sparsetune import curvature
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._common import (  # noqa: E402
+    CpuGuard,
+    cpu_model,
+    environment,
+    loadavg,
+    positive_int,
+    write_json,
+)
+
 __all__ = ["main"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "curvature.json"
 TARGETS = {"hvp_over_gradient": 3.0, "probe_over_hvp": 1.3}
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,13 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true",
                    help="tiny BERT built in code (hidden 32, 2 layers), batch 4 x 16: seconds")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="examples per batch (default 16; 4 with --quick)")
-    p.add_argument("--seq-len", type=_positive_int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per example (default 64; 16 with --quick)")
-    p.add_argument("--repeats", type=_positive_int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed rounds per measurement (default 5; 2 with --quick)")
-    p.add_argument("--probes", type=_positive_int, default=8,
+    p.add_argument("--probes", type=positive_int, default=8,
                    help="probes of the vmapped Hutchinson measurement (default 8)")
     p.add_argument("--busy-threshold", type=float, default=0.15,
                    help="discard a round during which other processes used more than this many "
@@ -132,78 +132,6 @@ def hf_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
 
 
 # -- environment ----------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-    except OSError:
-        found = None
-    return found.group(1).strip() if found else (platform.processor() or "unknown")
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def environment() -> dict[str, Any]:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "os_cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-    }
-
-
-class CpuGuard:
-    """Cores used by *other* processes over a stretch of time, from /proc (Linux only)."""
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.enabled = threshold >= 0 and self._sample() is not None
-
-    @staticmethod
-    def _sample() -> tuple[int, int, float] | None:
-        try:
-            fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system irq softirq steal
-        return busy, int(own[11]) + int(own[12]), time.monotonic()
-
-    def start(self) -> tuple[int, int, float] | None:
-        return self._sample() if self.enabled else None
-
-    def others(self, since: tuple[int, int, float] | None) -> float | None:
-        now = self._sample() if since is not None else None
-        if since is None or now is None:
-            return None
-        elapsed = max(now[2] - since[2], 1e-9)
-        other = (now[0] - since[0]) - (now[1] - since[1])
-        return max(other - 2, 0) / self.tick / elapsed  # forgive 2 ticks of rounding
-
-    def busy(self, cores: float | None) -> bool:
-        return cores is not None and cores > self.threshold
-
-    def wait_quiet(self, max_wait: float, probe: float = 1.0) -> None:
-        if not self.enabled or max_wait <= 0:
-            return
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < max_wait:
-            mark = self.start()
-            time.sleep(probe)
-            if not self.busy(self.others(mark)):
-                return
-
-
 # -- measurements ---------------------------------------------------------------------------------
 def measurements(model: torch.nn.Module, batch: dict[str, Any], probes: int
                  ) -> dict[str, tuple[str, Callable[[], Any], int]]:
@@ -270,7 +198,7 @@ def run(args: argparse.Namespace, model: torch.nn.Module, batch: dict[str, Any],
                 row["times_s"].append(seconds / k)
                 row["others_cores"].append(None if others is None else round(others, 3))
                 break
-        log(f"  round {r + 1}/{args.repeats} done (load {_loadavg()})")
+        log(f"  round {r + 1}/{args.repeats} done (load {loadavg()})")
     for row in rows.values():
         row["median_s"] = statistics.median(row["times_s"])
     return rows
@@ -317,23 +245,6 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    """Write ``results`` to ``path`` atomically: a temporary file in the folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     quick = args.quick
@@ -352,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{description}: {n_params:,} parameters; batch {args.batch_size} x {args.seq_len} "
         f"random token ids; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{cpu_model()}; load {_loadavg()}")
+        f"{cpu_model()}; load {loadavg()}")
     results: dict[str, Any] = {
         "benchmark": "curvature",
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -365,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "tokens": "uniform random ids, attention mask all ones, random labels"},
         "repeats": args.repeats,
         "busy_threshold_cores": args.busy_threshold,
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "targets": {k: f"<= {v}" for k, v in TARGETS.items()},
     }
     rows = run(args, model, batch, log)
@@ -373,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results["ratios"] = ratios(rows, args.batch_size)
     results["verdicts"] = {k: ("PASS" if results["ratios"][k] <= v else "MISS")
                            for k, v in TARGETS.items()}
-    results["loadavg_end"] = _loadavg()
+    results["loadavg_end"] = loadavg()
     write_json(args.output, results)
     print(format_table(results))
     log(f"wrote {args.output}")

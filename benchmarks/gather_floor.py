@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -25,15 +23,14 @@ from pathlib import Path
 
 import torch
 
+from sparsetune.io import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 @torch.no_grad()

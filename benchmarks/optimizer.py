@@ -38,13 +38,11 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,9 +53,21 @@ import torch
 import sparsetune
 from sparsetune import Mask, MaskedOptimizer, SparseAdamW, optimizer_state_nbytes
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._common import (  # noqa: E402
+    CpuGuard,
+    cpu_model,
+    environment,
+    loadavg,
+    positive_int,
+    write_json,
+)
+
 __all__ = ["main"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT_DIR = REPO_ROOT / "benchmarks" / "results"
 HEAD_NAMES = ("classifier.weight", "classifier.bias")
 TARGET_DENSITY = 0.005
@@ -98,13 +108,6 @@ def _density(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="benchmarks/optimizer.py",
@@ -114,16 +117,16 @@ def _parser() -> argparse.ArgumentParser:
         "--densities", nargs="+", type=_density, default=[0.001, 0.005, 0.05],
         help="mask densities, as fractions or percentages (default: 0.1%% 0.5%% 5%%)",
     )
-    p.add_argument("--repeats", type=_positive_int, default=None,
+    p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed optimizer steps per configuration (default 5; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps before timing (default 2; 1 with --quick)")
-    p.add_argument("--train-repeats", type=_positive_int, default=None,
+    p.add_argument("--train-repeats", type=positive_int, default=None,
                    help="timed training steps per configuration (default 3; 2 with --quick)")
     p.add_argument("--no-train-step", action="store_true",
                    help="skip the forward+backward+step measurement")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=128)
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--memory", dest="memory", action="store_true", default=None,
                      help="measure peak RSS per configuration in child processes "
@@ -223,63 +226,6 @@ def random_batch(model: torch.nn.Module, batch: int, seq: int, seed: int) -> dic
 
 
 # -- environment and memory probes --------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    return found.group(1).strip() if found else (platform.processor() or "unknown")
-
-
-def cpu_simd_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    flags = set(found.group(1).split()) if found else set()
-    return sorted(f for f in flags if f in {"avx", "avx2", "fma", "avx512f", "avx512_bf16"})
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def environment() -> dict[str, Any]:
-    import transformers
-
-    status = _git("status", "--porcelain", "--", "sparsetune")
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "sparsetune": sparsetune.__version__,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "sparsetune_dirty": None if status is None else bool(status),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_simd_flags": cpu_simd_flags(),
-        "os_cpu_count": os.cpu_count(),
-        "torch_num_threads": torch.get_num_threads(),
-        "torch_num_interop_threads": torch.get_num_interop_threads(),
-        "mem_total_bytes": _meminfo_bytes("MemTotal"),
-    }
-
-
-def _meminfo_bytes(field: str) -> int | None:
-    try:
-        found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    except OSError:
-        return None
-    return int(found.group(1)) * 1024 if found else None
-
-
 def _status_bytes(field: str) -> int | None:
     """A ``/proc/self/status`` field (VmRSS, VmHWM) in bytes, or None off Linux."""
     try:
@@ -305,13 +251,6 @@ def _reset_peak_rss() -> bool:
     return True
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 # -- results file -------------------------------------------------------------------------------
 class ResultsWriter:
     """Keeps the results dict and rewrites both JSON files atomically after every change."""
@@ -324,74 +263,8 @@ class ResultsWriter:
         self.write()
 
     def write(self) -> None:
-        text = json.dumps(self.results, indent=2, sort_keys=False) + "\n"
         for path in self.paths:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-
-
-# -- other processes' CPU use ----------------------------------------------------------------
-class CpuGuard:
-    """Measures how many cores *other* processes used during a stretch of time (Linux).
-
-    On a 2-core machine one busy neighbour (a test suite, say) makes torch's 2 OpenMP threads
-    wait on each other and can slow a parallel kernel down 30-fold, so timings taken then say
-    nothing about the code. Rounds during which others used more than ``threshold`` cores are
-    thrown away and run again (``--max-retries``); before each round we wait up to
-    ``--quiet-wait`` seconds for the machine to be quiet.
-    """
-
-    def __init__(self, threshold: float, enabled: bool = True) -> None:
-        self.threshold = threshold
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.enabled = enabled and self._sample() is not None
-
-    @staticmethod
-    def _sample() -> tuple[int, int, float] | None:
-        try:
-            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        v = [int(x) for x in fields]
-        busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-        return busy, int(own[11]) + int(own[12]), time.monotonic()
-
-    def start(self) -> tuple[int, int, float] | None:
-        return self._sample() if self.enabled else None
-
-    def others(self, since: tuple[int, int, float] | None) -> float | None:
-        """Average cores used by other processes since ``since`` (None if not measurable)."""
-        now = self._sample() if since is not None else None
-        if since is None or now is None:
-            return None
-        elapsed = max(now[2] - since[2], 1e-9)
-        other = (now[0] - since[0]) - (now[1] - since[1])
-        # /proc counts in ticks (10 ms): forgive 2 ticks of rounding on short stretches
-        return max(other - 2, 0) / self.tick / elapsed
-
-    def busy(self, cores: float | None) -> bool:
-        return cores is not None and cores > self.threshold
-
-    def wait_quiet(self, max_wait: float, probe: float = 1.0) -> float:
-        """Sleep until others use <= threshold cores over ``probe`` s; returns seconds waited."""
-        if not self.enabled or max_wait <= 0:
-            return 0.0
-        t0 = time.monotonic()
-        while True:
-            mark = self.start()
-            time.sleep(probe)
-            if not self.busy(self.others(mark)) or time.monotonic() - t0 >= max_wait:
-                return time.monotonic() - t0
+            write_json(path, self.results)
 
 
 # -- measurements -------------------------------------------------------------------------------
@@ -467,7 +340,7 @@ def measure_steps(
         waited = guard.wait_quiet(args.quiet_wait) if timed else 0.0
         shift = r % len(configs)
         order = list(range(len(configs)))[shift:] + list(range(len(configs)))[:shift]
-        load = _loadavg()
+        load = loadavg()
         mark = guard.start()
         walls: dict[int, float] = {}
         cpus: dict[int, float] = {}
@@ -563,7 +436,7 @@ def measure_train_steps(
     while r < warmup + args.train_repeats:
         timed = r >= warmup
         waited = guard.wait_quiet(args.quiet_wait) if timed else 0.0
-        load = _loadavg()
+        load = loadavg()
         order = list(range(len(configs)))
         if r % 2:
             order.reverse()
@@ -845,7 +718,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.max_retries = 0 if args.quick else 3 * args.repeats
     if args.quiet_wait is None:
         args.quiet_wait = 0.0 if args.quick else 60.0
-    guard = CpuGuard(args.busy_threshold, enabled=args.busy_threshold >= 0)
+    guard = CpuGuard(args.busy_threshold)
     densities = list(dict.fromkeys(args.densities))
 
     now = _dt.datetime.now(_dt.timezone.utc)
@@ -863,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "argv": argv,
         "settings": settings,
         "environment": environment(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "targets_definition": {
             "density": TARGET_DENSITY,
             "sparse_adamw_state_ratio_max": TARGET_STATE_RATIO,
@@ -978,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results["targets"] = evaluate_targets(results)
     results["status"] = "complete"
-    results["loadavg_end"] = _loadavg()
+    results["loadavg_end"] = loadavg()
     writer.write()
 
     print()

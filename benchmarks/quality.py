@@ -63,7 +63,6 @@ import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -77,7 +76,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import sparsetune
-from benchmarks.curvature import environment, write_json
+from benchmarks._common import environment, write_json
 from sparsetune import Mask, SparseAdamW, data, optimizer_state_nbytes, select
 from sparsetune.bounds import estimate_constants, stability_bound
 from sparsetune.demo import _cycle, _warmup_then_decay
@@ -916,15 +915,6 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
 def write_summary(runner: Runner, plan: Plan, command: str, status: str,
                   plot: bool = True) -> dict[str, Any]:
     _, missing = available(plan.methods)
@@ -936,7 +926,7 @@ def write_summary(runner: Runner, plan: Plan, command: str, status: str,
         status=status,
         command=command,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        environment={**environment(), "git_commit": _git_commit()},
+        environment=environment(),
     )
     out = runner.output_dir
     write_json(out / "quality.json", summary)

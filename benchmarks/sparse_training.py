@@ -54,14 +54,12 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importa
     sys.path.insert(0, str(REPO_ROOT))
 
 import sparsetune as st  # noqa: E402
+from benchmarks._common import CpuGuard, environment, loadavg  # noqa: E402
 from benchmarks.optimizer import (  # noqa: E402
-    CpuGuard,
     ResultsWriter,
-    _loadavg,
     _release_free_memory,
     _reset_peak_rss,
     _status_bytes,
-    environment,
 )
 from sparsetune import data  # noqa: E402
 
@@ -396,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "lora_targets": LORA_TARGETS,
                      "in_process": quick},
         "environment": environment(),
-        "loadavg_start": _loadavg(),
+        "loadavg_start": loadavg(),
         "task": [],
         "bert_base": [],
     }
@@ -423,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   + (f", accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""),
                   flush=True)
     results["status"] = "complete"
-    results["loadavg_end"] = _loadavg()
+    results["loadavg_end"] = loadavg()
     writer.write()
     print()
     model_name = "tiny BERT (--quick)" if quick else "MiniLM-L6"

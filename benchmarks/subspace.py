@@ -29,10 +29,8 @@ import argparse
 import copy
 import datetime as _dt
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +40,7 @@ import torch
 
 import sparsetune as st
 from sparsetune import data, demo
+from sparsetune.io import atomic_write
 from sparsetune.select import method_info
 from sparsetune.subspace import FIT_METHODS, Subspace
 
@@ -104,11 +103,8 @@ def _quick(args: argparse.Namespace) -> None:
 
 
 def _write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    text = json.dumps(result, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _base_model(num_labels: int, quick: bool):
