@@ -103,6 +103,21 @@ def _validate_scores(scores: Mapping[str, Tensor]) -> None:
             )
 
 
+def _target_names(targets: Iterable[str], scores: Mapping[str, Tensor],
+                  budget: list[str]) -> list[str]:
+    """The budgeted names in ``targets``, in the order of ``scores``; unknown names raise."""
+    wanted = {targets} if isinstance(targets, str) else set(targets)
+    unknown = sorted(wanted - set(scores))
+    if unknown:
+        raise ParameterMismatchError(f"targets name parameters that have no scores: {unknown}")
+    chosen = [n for n in budget if n in wanted]
+    if not chosen:
+        raise InvalidArgumentError(
+            "targets leave no budgeted parameter to choose from (all are always_train)"
+        )
+    return chosen
+
+
 def _select_top(flat: Tensor, k: int) -> Tensor:
     """Boolean tensor selecting exactly the k largest entries of ``flat``.
 
@@ -195,6 +210,7 @@ class Mask(Mapping[str, Tensor]):
         scope: str = "global",
         *,
         always_train: Iterable[str] = (),
+        targets: Iterable[str] | None = None,
     ) -> Mask:
         """Keep the entries with the largest scores (theory/ E1, E5).
 
@@ -206,6 +222,10 @@ class Mask(Mapping[str, Tensor]):
                 ``"per_tensor"`` keeps floor(numel p) entries of each tensor (the authors'
                 code), so a tensor smaller than 1/p entries (a 0-dim one, say) gets none.
             always_train: names selected in full and left out of m and k (a task head).
+            targets: names whose entries may be chosen (default: every budgeted name). The
+                budget stays k = floor(m p) over the whole model, so the mask's density is p
+                wherever it is placed; ``"per_tensor"`` then keeps the same fraction
+                p m / m_targets of each target. Everything else gets no entry.
 
         Ties are broken deterministically: among equal scores at the threshold the entry with
         the lower flat index wins, parameters taken in the order of ``scores``.
@@ -224,21 +244,34 @@ class Mask(Mapping[str, Tensor]):
         result: dict[str, Tensor] = {
             n: torch.ones_like(scores[n], dtype=torch.bool) for n in always
         }
-        if scope == "per_tensor":
-            for n in budget:
-                s = scores[n].detach()
-                chosen = _select_top(s.reshape(-1), budget_size(s.numel(), p))
-                result[n] = chosen.reshape(s.shape)
-        elif budget:
-            dtype = torch.float32
-            for n in budget:
-                dtype = torch.promote_types(dtype, scores[n].dtype)
-            device = scores[budget[0]].device
-            flat = torch.cat(
-                [scores[n].detach().reshape(-1).to(device=device, dtype=dtype) for n in budget]
+        candidates = budget if targets is None else _target_names(targets, scores, budget)
+        total = sum(scores[n].numel() for n in budget)
+        available = sum(scores[n].numel() for n in candidates)
+        share = Fraction(repr(p)) * total / max(available, 1)  # fraction of each candidate
+        if budget_size(total, p) > available or (scope == "per_tensor" and share > 1):
+            raise InvalidArgumentError(
+                f"density {p} of the {total} budgeted entries is {budget_size(total, p)} "
+                f"entries, more than the {available} entries of the targets"
             )
-            chosen = _select_top(flat, budget_size(flat.numel(), p))
-            for n, part in zip(budget, chosen.split([scores[n].numel() for n in budget])):
+        for n in budget:
+            if n not in candidates:
+                result[n] = torch.zeros_like(scores[n], dtype=torch.bool)
+        if scope == "per_tensor":
+            for n in candidates:
+                s = scores[n].detach()
+                chosen = _select_top(s.reshape(-1), math.floor(share * s.numel()))
+                result[n] = chosen.reshape(s.shape)
+        elif candidates:
+            dtype = torch.float32
+            for n in candidates:
+                dtype = torch.promote_types(dtype, scores[n].dtype)
+            device = scores[candidates[0]].device
+            flat = torch.cat(
+                [scores[n].detach().reshape(-1).to(device=device, dtype=dtype)
+                 for n in candidates]
+            )
+            chosen = _select_top(flat, budget_size(total, p))
+            for n, part in zip(candidates, chosen.split([scores[n].numel() for n in candidates])):
                 result[n] = part.reshape(scores[n].shape).to(scores[n].device)
         ordered = {n: result[n] for n in scores}
         return cls._wrap(ordered, always)

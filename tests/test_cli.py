@@ -261,3 +261,21 @@ def test_mask_command_on_the_real_minilm(tmp_path):
     assert mask.num_selected == st.budget_size(mask.num_total, 0.005)
     assert mask.num_total == 22_713_216 and mask.always_train == {"classifier.weight",
                                                                    "classifier.bias"}
+
+
+def test_mask_command_targets_place_the_budget_on_matching_parameters(folders, capsys, tmp_path):
+    out = tmp_path / "qv.safetensors"
+    base = str(folders / "base")
+    patterns = [r"query\.weight$", r"value\.weight$"]
+    code, text, err = _main(capsys, "mask", "--method", "random", "--density", "0.0002", "--model",
+                          base, "--targets", *patterns, "-o", str(out))
+    assert code == 0, err
+    mask = st.Mask.load(out)
+    expected, _ = select_for_task("random", 0.0002, model=base, targets=patterns, progress=False)
+    assert mask == expected
+    touched = [n for n, t in mask.items() if t.any() and n not in mask.always_train]
+    assert touched and all(n.endswith(("query.weight", "value.weight")) for n in touched)
+    code, _, err = _main(capsys, "mask", "--method", "random", "--density", "0.0002", "--model",
+                         base, "--targets", "nothing_like_this", "-o", str(tmp_path / "x"))
+    assert code == 2 and "matches no trainable parameter" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()

@@ -19,7 +19,7 @@ from torch import nn
 import sparsetune as st
 from sparsetune import Mask, MaskedOptimizer, SparseAdamW, SparseSGD
 from sparsetune.optim._selection import Selection
-from sparsetune.optim.sparse_gradients import selected_gradient
+from sparsetune.optim.sparse_gradients import LINEAR_PRODUCTS, _PLANS, selected_gradient
 
 TOL = 1e-12
 
@@ -107,12 +107,14 @@ def bert_batches(n: int, seed: int = 0, batch: int = 4, length: int = 9) -> list
     density=hs.sampled_from([0.05, 0.15, 0.3, 0.6, 0.95]),
     bias=hs.booleans(),
     seed=hs.integers(0, 2**16),
+    linear_product=hs.sampled_from(LINEAR_PRODUCTS),
 )
 def test_linear_sampled_product_equals_dense_gradient(
-    out_features, in_features, lead, density, bias, seed
+    out_features, in_features, lead, density, bias, seed, linear_product
 ):
-    """Both ways of computing the sampled product (sparse kernel below 20% density, dense
-    product and gather above) against autograd's dense gradient; input and bias too."""
+    """Every way of computing the weight gradient at the mask (k sampled dot products, the
+    dense product of the touched rows and columns, the automatic choice) against autograd's
+    dense gradient; input and bias gradients too."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -127,12 +129,61 @@ def test_linear_sampled_product_equals_dense_gradient(
 
     x_ref = x.clone().requires_grad_()
     expected = dense_selected_gradients(layer, mask, lambda m: (m(x_ref) * upstream).sum())
-    with st.prepare(layer, mask) as handle:
+    with st.prepare(layer, mask, linear_product=linear_product) as handle:
         x_sparse = x.clone().requires_grad_()
         (layer(x_sparse) * upstream).sum().backward()
         assert handle.compact == ["weight"] and layer.weight.grad.is_sparse
         assert_selected_gradients_match(layer, mask, expected)
     torch.testing.assert_close(x_sparse.grad, x_ref.grad, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, expect_rows, expect_cols",
+    [(range(0, 300, 97), range(5, 200, 31), True, True),  # a few rows and columns
+     (range(300), range(3, 9), False, True),  # every row, six columns
+     (range(2, 5), range(200), True, False)],  # three rows, every column
+)
+def test_blocks_product_gathers_only_the_touched_rows_and_columns(
+    rows, cols, expect_rows, expect_cols
+):
+    """A mask concentrated on a few rows/columns of a wide layer: the automatic choice is the
+    dense product of just those rows and columns, and it equals autograd's gradient."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layer = nn.Linear(200, 300).double()
+    bits = torch.zeros(300, 200, dtype=torch.bool)
+    rows, cols = list(rows), list(cols)
+    pick = torch.rand(len(rows), len(cols), generator=gen) < 0.5
+    pick[0, 0] = pick[-1, -1] = True
+    bits[torch.tensor(rows)[:, None], torch.tensor(cols)[None, :]] = pick
+    mask = Mask.from_dict({"weight": bits, "bias": torch.zeros(300, dtype=torch.bool)})
+    x = torch.randn(7, 200, generator=gen, dtype=torch.float64)
+    upstream = torch.randn(7, 300, generator=gen, dtype=torch.float64)
+    expected = dense_selected_gradients(layer, mask, lambda m: (m(x) * upstream).sum())
+    with st.prepare(layer, mask):
+        (layer(x) * upstream).sum().backward()
+        plan = _PLANS[layer.weight]
+        assert plan.linear_product == "blocks"
+        kept_rows, kept_cols, _ = plan._block_layout()
+        assert (kept_rows is not None) == expect_rows and (kept_cols is not None) == expect_cols
+        assert_selected_gradients_match(layer, mask, expected)
+
+
+def test_automatic_choice_takes_the_sampled_product_for_a_wide_sparse_layer():
+    """At 0.5% of a 1536 x 384 weight (a MiniLM feed-forward layer) every row and column is
+    touched: k dot products cost less than the dense product; at 30% the dense one wins."""
+    layer = nn.Linear(384, 1536)
+    gen = torch.Generator().manual_seed(0)
+    chosen = {}
+    for density in (0.005, 0.3):
+        bits = torch.rand(1536, 384, generator=gen) < density
+        mask = Mask.from_dict({"weight": bits, "bias": torch.zeros(1536, dtype=torch.bool)})
+        with st.prepare(layer, mask):
+            chosen[density] = _PLANS[layer.weight].linear_product
+    assert chosen == {0.005: "sampled", 0.3: "blocks"}
+    with pytest.raises(st.errors.InvalidArgumentError, match="linear_product must be one of"):
+        st.prepare(layer, mask, linear_product="fast")
 
 
 @pytest.mark.parametrize("padding_idx", [None, 2])

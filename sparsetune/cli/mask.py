@@ -60,6 +60,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "give the flag with no names for none)",
     )
     mask.add_argument(
+        "--targets", nargs="+", metavar="REGEX",
+        help="only parameters whose name matches one of these regexes get entries (the budget "
+        "stays p of the whole model), e.g. 'attention\\.self\\.(query|value)\\.weight$'",
+    )
+    mask.add_argument(
         "-O", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
         help="a method option, e.g. -O curvature_method=ggn -O floor_fraction=0.05 "
         "(values are read as JSON when they parse, else as text)",
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         args.method, args.density, model=args.model, data=args.data, scope=args.scope,
         seed=args.seed, num_batches=args.num_batches, batch_size=args.batch_size,
         max_length=args.max_length, max_examples=args.max_examples, num_labels=args.num_labels,
-        always_train=args.always_train, progress=not args.no_progress,
+        always_train=args.always_train, targets=args.targets, progress=not args.no_progress,
         options=dict(args.option),
     )
     path = mask.save(args.output, method=args.method, model=model)

@@ -7,8 +7,10 @@ all but a fraction p of it. :func:`prepare` reroutes the forward of every ``nn.L
 returns the gradient at the selected entries only (theory/ E1: only M dtheta is trained):
 
 * Linear, y = x W^T + b: the input gradient dL/dx = g W is dense (it flows on), the weight
-  gradient is the sampled product (g^T x)[r, c] = sum_n g[n, r] x[n, c] at the k selected
-  pairs (r, c) only (``torch.sparse.sampled_addmm``), n running over every token of the batch;
+  gradient is (g^T x)[r, c] = sum_n g[n, r] x[n, c] at the k selected pairs (r, c) only, n
+  running over every token of the batch: either k sampled dot products
+  (``torch.sparse.sampled_addmm``) or one dense product over just the rows and columns the
+  mask touches, whichever costs less for that weight (:data:`LINEAR_PRODUCTS`);
 * Embedding: the gradient rows of the token ids in the batch (index_add over the batch), read at
   the selected entries of those rows; every other selected entry gets 0, as in the dense path.
 
@@ -27,6 +29,7 @@ raises too; clip with :meth:`SparseAdamW.clip_grad_norm_ <sparsetune.SparseAdamW
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -41,12 +44,26 @@ from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from ._selection import Selection
 
-__all__ = ["SparseGradientFallbackWarning", "SparseGradients", "prepare"]
+__all__ = [
+    "LINEAR_COSTS", "LINEAR_PRODUCTS", "SparseGradientFallbackWarning", "SparseGradients",
+    "prepare",
+]
 
-#: Above this fraction of selected entries a Linear weight's sampled product is computed as the
-#: dense product g^T x and gathered: a dense matrix product runs some 50 times faster per
-#: multiply-add than the sampled one, which must copy both operands into a transposed layout.
-DENSE_PRODUCT_DENSITY = 0.2
+#: How the weight gradient of a Linear is computed at its k selected entries (``prepare``'s
+#: ``linear_product``): ``"sampled"`` takes k dot products over the batch
+#: (``torch.sparse.sampled_addmm``, which needs both operands copied into a transposed layout);
+#: ``"blocks"`` gathers the R rows and C columns the mask touches and takes one dense R x C
+#: product (BLAS, no transposed copies), then reads the k entries from it (R = out, C = in is
+#: the plain dense product); ``"auto"`` picks the cheaper per weight by :data:`LINEAR_COSTS`.
+LINEAR_PRODUCTS = ("auto", "sampled", "blocks")
+
+#: Cost per token of the operations above, in ns, measured on the 2-core x86 CI machine with
+#: torch's MKL build (``benchmarks/sparse_training.py`` profiles): a multiply-add inside a dense
+#: matrix product, one inside the sampled product, an element of a transposed copy (memory
+#: bound) and an element gathered along a row. Only their ratios matter: a dense product runs
+#: some 10 times faster per multiply-add than the sampled one and 100 times faster than a
+#: transposed copy per element, so the sampled product wins only on wide layers at low density.
+LINEAR_COSTS = {"mac": 0.0055, "sampled_mac": 0.055, "transpose": 0.8, "gather": 0.4}
 
 
 class SparseGradientFallbackWarning(UserWarning):
@@ -65,7 +82,9 @@ class _Plan:
     gradient this plan produces (shared, so the optimizer recognises them by identity).
     """
 
-    def __init__(self, name: str, selected: Tensor, device: torch.device) -> None:
+    def __init__(
+        self, name: str, selected: Tensor, device: torch.device, linear_product: str = "auto"
+    ) -> None:
         self.name = name
         self.shape = tuple(selected.shape)
         self.indices = torch.nonzero(selected).t().contiguous().to(device)
@@ -74,6 +93,45 @@ class _Plan:
         self._flat: Tensor | None = None
         self._row_ptr: Tensor | None = None
         self._verified: Selection | None = None
+        self._linear_product = linear_product
+        self._blocks: tuple[Tensor | None, Tensor | None, Tensor] | None = None
+
+    # -- Linear ---------------------------------------------------------------------------
+    @property
+    def linear_product(self) -> str:
+        """``"sampled"`` or ``"blocks"``: how :meth:`linear_values` computes (see
+        :data:`LINEAR_PRODUCTS`), chosen on first use."""
+        if self._linear_product == "auto":
+            self._linear_product = self._cheaper_linear_product()
+        return self._linear_product
+
+    def _cheaper_linear_product(self) -> str:
+        out, inp = self.shape
+        rows, cols = (int(torch.unique(i).numel()) for i in self.indices)
+        kept_rows, kept_cols = _compressed(rows, out, cols), _compressed(cols, inp, rows)
+        cost = LINEAR_COSTS
+        blocks = cost["mac"] * kept_rows * kept_cols
+        blocks += cost["gather"] * (kept_rows * (kept_rows < out) + kept_cols * (kept_cols < inp))
+        sampled = cost["transpose"] * (out + inp) + cost["sampled_mac"] * self.count
+        return "sampled" if sampled < blocks else "blocks"
+
+    def _block_layout(self) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """(rows or None for all, columns or None for all, flat index of each selected entry
+        in the rows x columns product)."""
+        if self._blocks is None:
+            out, inp = self.shape
+            r, c = self.indices
+            rows, r_local = torch.unique(r, return_inverse=True)
+            cols, c_local = torch.unique(c, return_inverse=True)
+            keep_rows = _compressed(rows.numel(), out, cols.numel()) < out
+            keep_cols = _compressed(cols.numel(), inp, rows.numel()) < inp
+            if not keep_rows:
+                rows, r_local = None, r
+            if not keep_cols:
+                cols, c_local = None, c
+            width = inp if cols is None else cols.numel()
+            self._blocks = (rows, cols, r_local * width + c_local)
+        return self._blocks
 
     @property
     def flat(self) -> Tensor:
@@ -94,11 +152,13 @@ class _Plan:
                 f"prepared on {self.indices.device}; move the model first, then call prepare()"
             )
 
-    # -- Linear ---------------------------------------------------------------------------
     def linear_values(self, grad_out: Tensor, inputs: Tensor) -> Tensor:
         """(g^T x) at the selected (row, column) pairs; g: (N, out), x: (N, in) -> (k,)."""
-        if self.count > DENSE_PRODUCT_DENSITY * self.shape[0] * self.shape[1]:
-            return (grad_out.t() @ inputs).view(-1).index_select(0, self.flat)
+        if self.linear_product == "blocks":
+            rows, cols, local = self._block_layout()
+            g = grad_out if rows is None else grad_out.index_select(1, rows)
+            x = inputs if cols is None else inputs.index_select(1, cols)
+            return (g.t() @ x).view(-1).index_select(0, local)
         template = self._csr.get(grad_out.dtype)
         if template is None:
             crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=grad_out.device)
@@ -113,7 +173,7 @@ class _Plan:
         # sampled_addmm reads mat1 row-major and mat2 column-major: give it both as copies in
         # that layout (x^T is shared by the query, key and value projections of one input).
         product = torch.sparse.sampled_addmm(
-            template, grad_out.t().contiguous(), _transposed(inputs).t(), beta=0.0
+            template, _transpose_into(grad_out, "grad"), _transposed(inputs).t(), beta=0.0
         )
         return product.values()
 
@@ -164,19 +224,49 @@ class _Plan:
         return None
 
 
-_LAST_TRANSPOSE: list[Any] = [None]
+# Per-thread scratch buffers for the transposed operands of the sampled products. Reusing them
+# avoids a fresh multi-megabyte allocation per layer, which on CPU costs as much as the copy
+# (the pages are mapped and zeroed by the kernel on first touch).
+_WORKSPACE = threading.local()
+
+
+def _transpose_into(x: Tensor, slot: str) -> Tensor:
+    """``x.t().contiguous()`` written into this thread's scratch buffer ``slot`` (reused)."""
+    n, c = x.shape
+    buf = getattr(_WORKSPACE, slot, None)
+    if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
+        buf = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+        setattr(_WORKSPACE, slot, buf)
+    return buf[: x.numel()].view(c, n).copy_(x.t())
 
 
 def _transposed(x: Tensor) -> Tensor:
-    """``x.t().contiguous()``, reused when the same unchanged tensor is asked for again."""
+    """``x.t().contiguous()``, reused when the same unchanged tensor is asked for again.
+
+    The query, key and value projections of one input share it. The result lives in the
+    thread's ``"input"`` scratch buffer until a different tensor is transposed.
+    """
     key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype,
-           x._version)
-    last = _LAST_TRANSPOSE[0]
+           x.device, x._version)
+    last = getattr(_WORKSPACE, "last_input", None)
     if last is not None and last[0] == key:
         return last[2]
-    xt = x.t().contiguous()
-    _LAST_TRANSPOSE[0] = (key, x, xt)  # holding x keeps its storage from being reused
+    xt = _transpose_into(x, "input")
+    _WORKSPACE.last_input = (key, x, xt)  # holding x keeps its storage from being reused
     return xt
+
+
+def _release_workspace() -> None:
+    for slot in ("grad", "input", "last_input"):
+        if hasattr(_WORKSPACE, slot):
+            delattr(_WORKSPACE, slot)
+
+
+def _compressed(used: int, total: int, other: int) -> int:
+    """Rows (or columns) the blocks product keeps: the ``used`` ones when gathering them costs
+    less than the multiply-adds it saves against ``other`` columns (rows), else all."""
+    saved = LINEAR_COSTS["mac"] * (total - used) * other
+    return used if LINEAR_COSTS["gather"] * used < saved else total
 
 
 class _SampledLinear(torch.autograd.Function):
@@ -304,18 +394,22 @@ class SparseGradients:
                 p.grad = p.grad.to_dense()
         for p in self._frozen_params:
             p.requires_grad_(True)
-        _LAST_TRANSPOSE[0] = None
+        _release_workspace()
         self._modules, self._params, self._frozen_params = [], [], []
         self.active = False
 
 
-def prepare(model: nn.Module, mask: Mask) -> SparseGradients:
+def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> SparseGradients:
     """Turn on sparse-gradient training for ``model`` with ``mask``; returns the handle.
 
     Use the same ``mask`` for the optimizer (:class:`~sparsetune.SparseAdamW` or
     :class:`~sparsetune.SparseSGD`), built before or after this call. Call
     ``handle.remove()`` (or use the handle as a context manager) to restore the model. Prepare
     after moving the model to its device and dtype.
+
+    ``linear_product`` chooses how Linear weight gradients are computed at the mask: one of
+    :data:`LINEAR_PRODUCTS` (``"auto"``: the cheaper of ``"sampled"`` and ``"blocks"`` per
+    weight by :data:`LINEAR_COSTS`; the values agree to rounding).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
@@ -332,6 +426,10 @@ def prepare(model: nn.Module, mask: Mask) -> SparseGradients:
         raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(mask, Mask):
         raise InvalidArgumentError(f"mask must be a sparsetune.Mask, got {type(mask).__name__}")
+    if linear_product not in LINEAR_PRODUCTS:
+        raise InvalidArgumentError(
+            f"linear_product must be one of {list(LINEAR_PRODUCTS)}, got {linear_product!r}"
+        )
     mask.check(model)
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in mask]
@@ -373,7 +471,7 @@ def prepare(model: nn.Module, mask: Mask) -> SparseGradients:
                 uncovered.append(f"{name} ({', '.join(type(m).__name__ for m in mods)})")
                 handle.fallback.append(name)
             continue
-        plan = _Plan(name, selected, p.device)
+        plan = _Plan(name, selected, p.device, linear_product)
         _PLANS[p] = plan
         handle._params.append(p)
         handle.compact.append(name)

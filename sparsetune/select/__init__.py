@@ -10,7 +10,15 @@ Score functions are exported too, for users who want the scores rather than the 
 
 from .offline import load_task_spec, select_for_task
 from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
-from .registry import METHODS, MethodInfo, method_info, method_options, register_method, select
+from .registry import (
+    METHODS,
+    MethodInfo,
+    method_info,
+    method_options,
+    register_method,
+    select,
+    target_names,
+)
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
 from .sam import (
     DEFAULT_FLOOR_FRACTION,
@@ -42,4 +50,5 @@ __all__ = [
     "sam_scores",
     "select",
     "select_for_task",
+    "target_names",
 ]

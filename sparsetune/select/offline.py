@@ -48,6 +48,7 @@ def select_for_task(
     max_examples: int | None = None,
     num_labels: int | None = None,
     always_train: Iterable[str] | None = None,
+    targets: str | Iterable[str] | None = None,
     progress: bool = True,
     options: Mapping[str, Any] | None = None,
 ) -> tuple[Mask, nn.Module]:
@@ -60,6 +61,7 @@ def select_for_task(
             gradient methods, ``steps`` of fine-tuning ones; None: the method's default).
         batch_size, max_length: tokenized batches (shuffled with ``seed``).
         always_train: names trained in full, outside the budget (None: the classifier head).
+        targets: regexes of the parameters allowed to receive entries (see :func:`select`).
         options: further method options (see :func:`select`).
 
     Returns:
@@ -107,5 +109,5 @@ def select_for_task(
         train = batches(task.train, tokenizer, batch_size=batch_size, max_length=max_length,
                         shuffle=True, seed=seed)
     mask = select(network, method, density, data=train, scope=scope, seed=seed,
-                  always_train=always_train, **opts)
+                  always_train=always_train, targets=targets, **opts)
     return mask, network

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,10 @@ from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
 from .sam import sam_curvature_scores, sam_scores
 
-__all__ = ["METHODS", "MethodInfo", "method_info", "method_options", "register_method", "select"]
+__all__ = [
+    "METHODS", "MethodInfo", "method_info", "method_options", "register_method", "select",
+    "target_names",
+]
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,9 @@ def _register(name: str, family: str, needs_data: bool, uses_density: bool, desc
 
 
 @_register("random", "random", False, True, "a fixed random mask (seeded)")
-def _random(model, density, scope, always_train, seed, **_):
-    return Mask.top_k(random_scores(model, seed=seed), density, scope, always_train=always_train)
+def _random(model, density, scope, always_train, seed, targets=None, **_):
+    return Mask.top_k(random_scores(model, seed=seed), density, scope, always_train=always_train,
+                      targets=targets)
 
 
 @_register("bitfit", "rule", False, False, "bias terms only (BitFit); density is what it gives")
@@ -60,7 +65,7 @@ def _names(model, density, scope, always_train, include=(), exclude=(), **_):
 @_register("magnitude", "rule", False, True,
            "largest |theta| (MagPruning), optionally after a reset full fine-tuning burn-in")
 def _magnitude(model, density, scope, always_train, data=None, loss_fn=None, seed=0,
-               burn_in_steps=0, lr=1e-4, progress=True, **_):
+               burn_in_steps=0, lr=1e-4, progress=True, targets=None, **_):
     if burn_in_steps:
         if data is None:
             raise InvalidArgumentError("magnitude with burn_in_steps > 0 needs data=")
@@ -69,42 +74,47 @@ def _magnitude(model, density, scope, always_train, data=None, loss_fn=None, see
         scores = {n: v.abs() for n, v in values.items()}
     else:
         scores = magnitude_scores(model)
-    return Mask.top_k(scores, density, scope, always_train=always_train)
+    return Mask.top_k(scores, density, scope, always_train=always_train,
+                      targets=targets)
 
 
 @_register("child_pruning", "projection", True, True,
            "Child-Tuning-D: Fisher information (sum of squared clipped batch gradients) top-k")
 def _child_pruning(model, density, scope, always_train, data, loss_fn, num_batches=None,
-                   max_grad_norm=1.0, progress=True, **_):
+                   max_grad_norm=1.0, progress=True, targets=None, **_):
     scores = fisher_scores(model, loss_fn, data, num_batches=num_batches,
                            max_grad_norm=max_grad_norm, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train)
+    return Mask.top_k(scores, density, scope, always_train=always_train,
+                      targets=targets)
 
 
 @_register("lt_sft", "projection", True, True,
            "LT-SFT-style: full fine-tuning for N steps, keep the most changed entries, reset")
 def _lt_sft(model, density, scope, always_train, data, loss_fn, seed=0, steps=100, lr=1e-4,
-            progress=True, **_):
+            progress=True, targets=None, **_):
     scores = lt_sft_scores(model, loss_fn, data, steps=steps, lr=lr, seed=seed, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train)
+    return Mask.top_k(scores, density, scope, always_train=always_train,
+                      targets=targets)
 
 
 @_register("diff_pruning", "projection", True, True,
            "DiffPruning: hard-concrete L0 gates over a diff vector, then top-k gate logits")
 def _diff_pruning(model, density, scope, always_train, data, loss_fn, seed=0, steps=100, lr=1e-3,
-                  l0_weight=1e-4, init_log_alpha=1.0, progress=True, **_):
+                  l0_weight=1e-4, init_log_alpha=1.0, progress=True, targets=None, **_):
     scores = diff_pruning_scores(model, loss_fn, data, steps=steps, lr=lr, l0_weight=l0_weight,
                                  init_log_alpha=init_log_alpha, seed=seed, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train)
+    return Mask.top_k(scores, density, scope, always_train=always_train,
+                      targets=targets)
 
 
 @_register("sam", "sam", True, True,
            "SAM, practical variant: largest squared sum of clipped batch gradients at theta0")
 def _sam(model, density, scope, always_train, data, loss_fn, num_batches=None, max_grad_norm=1.0,
-         progress=True, **_):
+         progress=True, targets=None, **_):
     scores = sam_scores(model, loss_fn, data, num_batches=num_batches,
                         max_grad_norm=max_grad_norm, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train)
+    return Mask.top_k(scores, density, scope, always_train=always_train,
+                      targets=targets)
 
 
 _PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")
@@ -112,7 +122,8 @@ _PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")
 
 @_register("sam_curvature", "sam", True, True,
            "SAM, exact criterion: largest g_i^2 / max(h_i, floor), h a Hessian-diagonal estimate")
-def _sam_curvature(model, density, scope, always_train, data, loss_fn, seed=0, **options):
+def _sam_curvature(model, density, scope, always_train, data, loss_fn, seed=0, targets=None,
+                   **options):
     if loss_fn is transformers_loss and options.get("curvature_method") in _PER_EXAMPLE:
         from ..curvature import OutputLoss
 
@@ -120,7 +131,8 @@ def _sam_curvature(model, density, scope, always_train, data, loss_fn, seed=0, *
     options.setdefault("progress", True)
     scores = sam_curvature_scores(model, loss_fn, data, exclude=always_train, seed=seed,
                                   **options)
-    return Mask.top_k(scores, density, scope, always_train=always_train)
+    return Mask.top_k(scores, density, scope, always_train=always_train,
+                      targets=targets)
 
 
 def _optimizer_side(name: str, description: str, optimizer: str) -> None:
@@ -179,6 +191,11 @@ class _MethodNames(Sequence[str]):
 
 METHODS: Sequence[str] = _MethodNames()
 
+#: Methods that score every entry and keep the top k (they take ``targets``).
+_TOP_K_METHODS = frozenset(
+    {"random", "magnitude", "child_pruning", "lt_sft", "diff_pruning", "sam", "sam_curvature"}
+)
+
 _OPTIONS = {
     "random": set(),
     "bitfit": set(),
@@ -218,9 +235,10 @@ def select(
     scope: str = "global",
     seed: int = 0,
     always_train: Iterable[str] = (),
+    targets: str | Iterable[str] | None = None,
     **options: Any,
 ) -> Mask:
-    """Choose the entries to fine-tune with ``method`` (one of :data:`METHODS`).
+    r"""Choose the entries to fine-tune with ``method`` (one of :data:`METHODS`).
 
     Args:
         model: the pretrained model; its weights and modes are left exactly as found.
@@ -233,6 +251,10 @@ def select(
         scope: ``"global"`` (the paper's theorem) or ``"per_tensor"`` (the authors' code).
         seed: seed of random choices (random masks, dropout in burn-in steps).
         always_train: parameter names trained in full and left out of the budget.
+        targets: regular expression(s) over parameter names (``re.search``), like peft's
+            ``target_modules``: only matching parameters receive entries, e.g.
+            ``r"attention\.self\.(query|value)\.weight$"``. The budget is still p of the whole
+            model (``mask.density == p``). Methods that score entries only (not rules).
         options: method options (``num_batches``, ``max_grad_norm``, ``steps``, ``lr``,
             ``burn_in_steps``, ``include``, ``exclude``, ``progress``; for ``sam_curvature``
             also ``curvature_method``, ``num_samples``, ``curvature_data``, ``curvature``,
@@ -265,7 +287,44 @@ def select(
         if data is None:
             raise InvalidArgumentError(f"method {method!r} needs data= (an iterable of batches)")
         loss_fn = loss_fn or transformers_loss
+    if targets is not None:
+        if method not in _TOP_K_METHODS:
+            raise InvalidArgumentError(
+                f"method {method!r} does not take targets; methods that do: "
+                f"{sorted(_TOP_K_METHODS)}"
+            )
+        options["targets"] = target_names(model, targets, exclude=always)
     builder = _REGISTRY[method][1]
     return builder(
         model, density, scope, always, data=data, loss_fn=loss_fn, seed=seed, **options
     )
+
+
+def target_names(
+    model: nn.Module, patterns: str | Iterable[str], *, exclude: Iterable[str] = ()
+) -> list[str]:
+    """Names of ``model``'s trainable parameters matching any regex in ``patterns``
+    (``re.search``), minus ``exclude``; a pattern that is invalid or matches nothing raises."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not patterns:
+        raise InvalidArgumentError("targets needs at least one pattern")
+    names = [n for n, _ in trainable(model)]
+    skip = set(exclude)
+    found: list[str] = []
+    for pattern in patterns:
+        try:
+            compiled = re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise InvalidArgumentError(f"targets: invalid pattern {pattern!r}: {err}") from None
+        hits = [n for n in names if compiled.search(n)]
+        if not hits:
+            raise ParameterMismatchError(
+                f"targets: pattern {pattern!r} matches no trainable parameter; names look "
+                f"like {names[:4]}"
+            )
+        found.extend(n for n in hits if n not in skip and n not in found)
+    if not found:
+        raise InvalidArgumentError(
+            f"targets {patterns} match only always_train parameters: nothing left to choose"
+        )
+    return [n for n in names if n in found]
