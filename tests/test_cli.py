@@ -267,8 +267,8 @@ def test_mask_command_targets_place_the_budget_on_matching_parameters(folders, c
     out = tmp_path / "qv.safetensors"
     base = str(folders / "base")
     patterns = [r"query\.weight$", r"value\.weight$"]
-    code, text, err = _main(capsys, "mask", "--method", "random", "--density", "0.0002", "--model",
-                          base, "--targets", *patterns, "-o", str(out))
+    code, _, err = _main(capsys, "mask", "--method", "random", "--density", "0.0002",
+                         "--model", base, "--targets", *patterns, "-o", str(out))
     assert code == 0, err
     mask = st.Mask.load(out)
     expected, _ = select_for_task("random", 0.0002, model=base, targets=patterns, progress=False)
@@ -279,3 +279,14 @@ def test_mask_command_targets_place_the_budget_on_matching_parameters(folders, c
                          base, "--targets", "nothing_like_this", "-o", str(tmp_path / "x"))
     assert code == 2 and "matches no trainable parameter" in err and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_usage_errors_are_one_line_naming_the_command():
+    missing = _run("mask", "--density", "0.1")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith("sparsetune mask: error: the following arguments are "
+                                     "required: --method")
+    assert "sparsetune mask --help" in missing.stderr
+    unknown = _run("frobnicate")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert "invalid choice: 'frobnicate'" in unknown.stderr

@@ -19,7 +19,7 @@ from torch import nn
 import sparsetune as st
 from sparsetune import Mask, MaskedOptimizer, SparseAdamW, SparseSGD
 from sparsetune.optim._selection import Selection
-from sparsetune.optim.sparse_gradients import LINEAR_PRODUCTS, _PLANS, selected_gradient
+from sparsetune.optim.sparse_gradients import _PLANS, LINEAR_PRODUCTS, selected_gradient
 
 TOL = 1e-12
 

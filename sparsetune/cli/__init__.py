@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import NoReturn
 
 from .. import __version__
 from ..errors import SparsetuneError
@@ -31,9 +32,16 @@ def _command_modules() -> list[ModuleType]:
     return modules
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     """The argument parser and which module runs each sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparsetune", description="Theory-driven sparse fine-tuning of PyTorch models."
     )
     parser.add_argument("--version", action="version", version=f"sparsetune {__version__}")
