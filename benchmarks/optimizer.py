@@ -8,7 +8,9 @@ Measures, side by side in one run, on a randomly initialised
   gradients in ``p.grad``, for dense ``torch.optim.AdamW(foreach=True)``,
   ``MaskedOptimizer(AdamW(foreach=True))``, ``SparseAdamW(foreach=True)`` and its for-loop
   twin ``SparseAdamW(foreach=False)``, at each density of ``--densities`` (a global
-  ``Mask.top_k`` over seeded random scores, the classifier head always trained);
+  ``Mask.top_k`` over seeded random scores, the classifier head always trained), and
+  ``SparseAdamW`` fed the same values as compact gradients (``sparsetune.prepare`` on a copy
+  of the model: the step reads the k values directly, no gather from a dense gradient);
 * a whole training step (forward, backward, step; batch 8 x length 128 random token ids) for
   dense AdamW vs SparseAdamW at p = 0.5% (``--no-train-step`` skips it);
 * peak resident memory per configuration (``--memory``, on by default except with
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import datetime as _dt
 import gc
@@ -52,6 +55,7 @@ import torch
 
 import sparsetune
 from sparsetune import Mask, MaskedOptimizer, SparseAdamW, optimizer_state_nbytes
+from sparsetune.optim.sparse_gradients import _PLANS, compact_parameters
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
@@ -91,6 +95,8 @@ OPTIMIZERS: dict[str, str] = {
 MEMORY_MODES = ("sparse_adamw_sib", "sparse_adamw_compact", "sparse_adamw_compact_sib")
 TARGET_PEAK_RATIO = 0.5
 MASKED_KINDS = ("masked_adamw", "sparse_adamw", "sparse_adamw_loop")
+#: Optimizer-step row of SparseAdamW fed compact gradients (issue 10's mode), on a twin model.
+COMPACT_STEP = "sparse_adamw_compact"
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -215,6 +221,27 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer kind {kind!r}; known: {list(OPTIMIZERS)}")
 
 
+def compact_twin_optimizer(
+    model: torch.nn.Module, mask: Mask, args: argparse.Namespace
+) -> torch.optim.Optimizer:
+    """SparseAdamW on a copy of ``model`` in sparse-gradient mode (``sparsetune.prepare``),
+    whose gradients are the same values as ``model``'s dense ones: compact at the selected
+    entries of Linear/Embedding weights, dense elsewhere. Its step reads the k values directly
+    (no gather from a dense gradient); the step never changes them, so no refill is needed."""
+    twin = copy.deepcopy(model)
+    sparsetune.prepare(twin, mask)
+    plans = dict(compact_parameters(twin))
+    source = dict(model.named_parameters())
+    for name, p in twin.named_parameters():
+        grad = source[name].grad
+        if name in plans:
+            values = grad.reshape(-1)[torch.nonzero(mask[name].reshape(-1)).squeeze(1)]
+            p.grad = _PLANS[p].sparse(values.clone())
+        elif p.requires_grad:
+            p.grad = grad.detach().clone()
+    return SparseAdamW(twin, mask, lr=args.lr, weight_decay=args.weight_decay)
+
+
 def random_batch(model: torch.nn.Module, batch: int, seq: int, seed: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed + 3)
     vocab = model.config.vocab_size
@@ -308,6 +335,7 @@ def measure_steps(
     pristine = [p.grad.detach().clone() for p in params]
     grads = [p.grad for p in params]
     opts = [build_optimizer(k, model, masks.get(d) if d else None, args.lr, args.weight_decay)
+            if k != COMPACT_STEP else compact_twin_optimizer(model, masks[d], args)
             for k, d in configs]
     rows: list[dict[str, Any]] = []
     for (kind, density), _ in zip(configs, opts):
@@ -600,7 +628,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = results["optimizer_step"]
     dense = next((r for r in rows if r["optimizer"] == "adamw"), None)
     out = []
-    for kind in ("sparse_adamw", "sparse_adamw_loop"):
+    for kind in ("sparse_adamw", "sparse_adamw_loop", COMPACT_STEP):
         row = next(
             (r for r in rows if r["optimizer"] == kind
              and _same_density(r["requested_density"], TARGET_DENSITY)),
@@ -785,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"configurations interleaved):", flush=True)
     masks = {d: build_mask(model, d, args.seed) for d in densities}
     configs: list[Config] = [("adamw", None)]
-    configs += [(kind, d) for d in densities for kind in MASKED_KINDS]
+    configs += [(kind, d) for d in densities for kind in (*MASKED_KINDS, COMPACT_STEP)]
 
     def step_round(rows: list[dict[str, Any]]) -> None:
         results["optimizer_step"] = rows

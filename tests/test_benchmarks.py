@@ -15,6 +15,11 @@ def test_optimizer_benchmark_quick(tmp_path):
     assert any(label.startswith("SparseAdamW") for label in labels)
     sparse = [r for r in result["optimizer_step"] if r["optimizer"] == "sparse_adamw"]
     assert all(r["state_ratio_vs_dense"] < 0.2 for r in sparse)
+    compact = {r["requested_density"]: r for r in result["optimizer_step"]
+               if r["optimizer"] == optimizer.COMPACT_STEP}
+    assert set(compact) == {r["requested_density"] for r in sparse}
+    assert all(compact[r["requested_density"]]["num_selected"] == r["num_selected"]
+               for r in sparse)
 
 
 def test_gather_floor_quick(tmp_path):
