@@ -8,6 +8,7 @@ MiniLM with a small slice of Rotten Tomatoes and resumes it from a checkpoint.
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -17,11 +18,13 @@ from transformers import (
     BertForSequenceClassification,
     DataCollatorWithPadding,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
 import sparsetune as st
 from sparsetune import data as st_data
+from sparsetune.integrations import transformers as st_transformers
 from sparsetune.integrations.transformers import (
     DELTA_FILE,
     MASK_FILE,
@@ -40,12 +43,15 @@ CONFIG = BertConfig(
     hidden_dropout_prob=0.1,
 )
 HEAD = ["classifier.weight", "classifier.bias"]
+# No dropout: a Trainer run and a hand-written loop then see the same function.
+DETERMINISTIC = BertConfig(**{**CONFIG.to_dict(), "hidden_dropout_prob": 0.0,
+                              "attention_probs_dropout_prob": 0.0})
 
 
-def tiny_model(seed: int = 0) -> BertForSequenceClassification:
+def tiny_model(seed: int = 0, config: BertConfig = CONFIG) -> BertForSequenceClassification:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return BertForSequenceClassification(CONFIG)
+        return BertForSequenceClassification(config)
 
 
 def tiny_data(n: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -226,6 +232,7 @@ def test_sparse_trainer_selects_with_a_method_on_its_training_data(tmp_path):
         (dict(method="random", density=0.1, selection_batches=0), "selection_batches"),
         (dict(method="random", density=0.1, optimizers="OPT"), "builds its own SparseAdamW"),
         (dict(method="random", density=0.1, args=dict(optim="sgd")), "optim must be one of"),
+        (dict(method="random", density=0.1, sparse_gradients="yes"), "sparse_gradients must be"),
     ],
 )
 def test_sparse_trainer_refuses_bad_configuration(tmp_path, kwargs, match):
@@ -311,8 +318,199 @@ def test_sparse_trainer_trains_exactly_the_lora_entries_of_a_peft_model(tmp_path
     assert same_weights(delta.apply_to(before), model)
 
 
+# -- sparse gradients and clipping over the selected entries --------------------------------------
+class _Recorder(TrainerCallback):
+    """Records, just before each optimizer step, how the gradients look."""
+
+    def __init__(self, mask: st.Mask) -> None:
+        self.mask = mask
+        self.steps: list[dict[str, object]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        named = dict(model.named_parameters())
+        self.steps.append({
+            "sparse": sorted(n for n, p in named.items()
+                             if p.grad is not None and p.grad.is_sparse),
+            "no_grad": sorted(n for n, p in named.items() if p.grad is None),
+            "frozen": sorted(n for n, p in named.items() if not p.requires_grad),
+            "patched": sum("forward" in m.__dict__ for m in model.modules()),
+        })
+
+
+def selected_norm(model, mask) -> float:
+    """Global 2-norm of the gradients at the selected entries (brute force, densified)."""
+    return float(torch.sqrt(sum(
+        (p.grad.to_dense()[mask[n]] ** 2).sum()
+        for n, p in model.named_parameters() if p.grad is not None
+    )))
+
+
+def hand_written_run(mask, hyper, steps):
+    """Dense gradients, SparseAdamW, opt.clip_grad_norm_ and a linear schedule, by hand.
+
+    Returns (model, [(selected-entry norm, all-entries norm) before clipping, per step]).
+    """
+    model = tiny_model(config=DETERMINISTIC).double()
+    model.train()
+    named = list(model.named_parameters())
+    no_decay = [n for n, _ in named if "bias" in n or "LayerNorm" in n]
+    opt = st.SparseAdamW(
+        [{"params": [(n, p) for n, p in named if n not in no_decay],
+          "weight_decay": hyper["weight_decay"]},
+         {"params": [(n, p) for n, p in named if n in no_decay], "weight_decay": 0.0}],
+        mask, lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"],
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, (steps - s) / steps))
+    batch = torch.utils.data.default_collate(tiny_data(8))  # one batch = the whole data set
+    norms = []
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        all_entries = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        selected = selected_norm(model, mask)
+        clipped_at = opt.clip_grad_norm_(hyper["max_grad_norm"])
+        assert float(clipped_at) == pytest.approx(selected, rel=1e-12)
+        assert selected_norm(model, mask) == pytest.approx(hyper["max_grad_norm"], rel=1e-4)
+        norms.append((float(clipped_at), all_entries))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return model, norms
+
+
+def test_sparse_gradients_train_like_the_dense_path_and_a_hand_written_loop(tmp_path):
+    """Clipping active (max_grad_norm far below the norm): sparse gradients, the dense masked
+    path and a hand-written SparseAdamW loop reach the same weights; the logged grad_norm is
+    the selected-entry norm; the model is restored after train()."""
+    hyper = dict(learning_rate=1e-2, weight_decay=0.1, max_grad_norm=0.02,
+                 per_device_train_batch_size=8, logging_steps=1, save_strategy="steps",
+                 save_steps=2)
+    steps = 3
+    mask = random_mask(tiny_model(config=DETERMINISTIC), density=0.05)
+    runs = {}
+    for sparse in (True, False):
+        model = tiny_model(config=DETERMINISTIC).double()
+        flags = [p.requires_grad for p in model.parameters()]
+        recorder = _Recorder(mask)
+        trainer = SparseTrainer(
+            model=model, args=arguments(tmp_path / str(sparse), max_steps=steps, **hyper),
+            train_dataset=tiny_data(8), mask=mask, sparse_gradients=sparse, callbacks=[recorder],
+        )
+        trainer.train()
+        runs[sparse] = model, trainer, recorder
+        # Restored: no replaced forward left, requires_grad flags as before.
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert [p.requires_grad for p in model.parameters()] == flags
+
+    reference, norms = hand_written_run(mask, hyper, steps)
+    base = tiny_model(config=DETERMINISTIC).double()
+    for (name, p), q, r, b in zip(runs[True][0].named_parameters(), runs[False][0].parameters(),
+                                  reference.parameters(), base.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12, msg=name)
+        torch.testing.assert_close(p, r, rtol=0, atol=1e-12, msg=name)
+        frozen = ~mask[name]
+        for tuned in (p, q, r):
+            assert torch.equal(tuned.detach()[frozen], b.detach()[frozen]), name
+    assert not torch.equal(runs[True][0].classifier.weight, base.classifier.weight)
+
+    # Compact gradients while training (dense ones on the dense path), frozen tensors off.
+    partly = [n for n, row in mask.per_parameter().items()
+              if 0 < row.selected < row.total and n.endswith("weight") and "LayerNorm" not in n]
+    untouched = sorted(n for n, row in mask.per_parameter().items() if row.selected == 0)
+    assert partly and untouched
+    for record in runs[True][2].steps:
+        assert record["sparse"] == sorted(partly)
+        assert record["frozen"] == record["no_grad"] == untouched
+        assert record["patched"] > 0
+    assert all(r["sparse"] == r["frozen"] == [] for r in runs[False][2].steps)
+
+    for sparse in (True, False):
+        logged = [e["grad_norm"] for e in runs[sparse][1].state.log_history if "grad_norm" in e]
+        assert len(logged) == steps
+        for value, (selected, all_entries) in zip(logged, norms):
+            assert value == pytest.approx(selected, rel=1e-9)
+            assert selected > 5 * hyper["max_grad_norm"]  # clipping was active
+            assert all_entries > 1.1 * selected  # the old, all-entries norm is another number
+    checkpoint = tmp_path / "True" / "checkpoint-2"
+    assert st.Mask.load(checkpoint / MASK_FILE, model=base) == mask
+
+
+def test_logged_grad_norm_is_over_the_selected_entries_without_clipping(tmp_path):
+    """max_grad_norm=0: same weights as a plain Trainer with SparseAdamW, which logs the norm
+    over every entry; SparseTrainer logs the norm over the selected ones."""
+    mask = random_mask(tiny_model(config=DETERMINISTIC), density=0.05)
+    hyper = dict(max_grad_norm=0.0, logging_steps=1, max_steps=2, per_device_train_batch_size=8,
+                 lr_scheduler_type="constant")
+    norms = {}
+
+    class Norms(TrainerCallback):
+        def __init__(self):
+            self.selected, self.all = [], []
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            self.selected.append(selected_norm(model, mask))
+            self.all.append(float(torch.nn.utils.get_total_norm(
+                [p.grad.to_dense() for p in model.parameters() if p.grad is not None])))
+
+    models = []
+    for kind in ("sparse_trainer", "plain"):
+        model = tiny_model(config=DETERMINISTIC).double()
+        seen = Norms()
+        args = arguments(tmp_path / kind, **hyper)
+        if kind == "plain":
+            opt = st.SparseAdamW(model, mask, lr=args.learning_rate, weight_decay=0.0)
+            trainer = Trainer(model=model, args=args, train_dataset=tiny_data(8),
+                              optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1)),
+                              callbacks=[seen])
+        else:
+            trainer = SparseTrainer(model=model, args=args, train_dataset=tiny_data(8), mask=mask,
+                                    sparse_gradients=True, callbacks=[seen])
+        trainer.train()
+        models.append(model)
+        norms[kind] = ([e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e],
+                       seen)
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    logged, seen = norms["sparse_trainer"]
+    assert logged == pytest.approx(seen.selected, rel=1e-9)
+    logged_plain, seen_plain = norms["plain"]
+    assert logged_plain == pytest.approx(seen_plain.all, rel=1e-9)  # the Trainer's own norm
+    assert seen.selected == pytest.approx(seen_plain.selected, rel=1e-9)
+    assert all(a > 1.1 * s for a, s in zip(seen_plain.all, seen.selected))
+
+
+def test_sparse_gradients_are_removed_when_training_raises(tmp_path):
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            assert any("forward" in m.__dict__ for m in model.modules())  # prepared
+            raise RuntimeError("boom")
+
+    model = tiny_model()
+    mask = random_mask(model)
+    trainer = SparseTrainer(model=model, args=arguments(tmp_path, max_steps=2),
+                            train_dataset=tiny_data(), mask=mask, sparse_gradients=True,
+                            callbacks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None or not p.grad.is_sparse for p in model.parameters())
+
+
+def test_sparse_gradients_refuse_more_than_one_process(tmp_path, monkeypatch):
+    model = tiny_model()
+    mask = random_mask(model)
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(st.InvalidArgumentError, match=r"world_size=2.*DDP does not reduce"):
+        SparseTrainer(model=model, args=arguments(tmp_path), train_dataset=tiny_data(),
+                      mask=mask, sparse_gradients=True)
+    SparseTrainer(model=model, args=arguments(tmp_path), train_dataset=tiny_data(), mask=mask)
+    with pytest.raises(st.InvalidArgumentError, match="n_gpu=2"):
+        st_transformers._check_single_process(types.SimpleNamespace(world_size=1, n_gpu=2))
+    st_transformers._check_single_process(types.SimpleNamespace(world_size=1, n_gpu=1))
+
+
 # -- the embedded real model --------------------------------------------------------------------
-def minilm_trainer(out, task, **overrides):
+def minilm_trainer(out, task, sparse_gradients=False, **overrides):
     model, tokenizer = st_data.load_model(2)
     examples = [
         dict(tokenizer(text, truncation=True, max_length=16), labels=label)
@@ -323,7 +521,7 @@ def minilm_trainer(out, task, **overrides):
         model=model, args=args, train_dataset=examples,
         data_collator=DataCollatorWithPadding(tokenizer), method="sam", density=0.001,
         always_train=st_data.HEAD_PARAMETERS, selection_batches=1,
-        selection_options={"progress": False},
+        selection_options={"progress": False}, sparse_gradients=sparse_gradients,
     )
     return model, trainer
 
@@ -364,3 +562,27 @@ def test_sparse_trainer_on_minilm_resumes_exactly(tmp_path):
     second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     assert second.sparse_mask == first.sparse_mask  # read back, not selected again
     assert same_weights(resumed, whole)
+
+
+@pytest.mark.slow
+def test_sparse_trainer_on_minilm_with_sparse_gradients_matches_the_dense_path(tmp_path):
+    task = st_data.load_task("rotten_tomatoes", max_examples=200)
+    dense, first = minilm_trainer(tmp_path / "dense", task, max_steps=2, max_grad_norm=0.5,
+                                  logging_steps=1)
+    base = copy.deepcopy(dense)
+    first.train()
+    sparse, second = minilm_trainer(tmp_path / "sparse", task, sparse_gradients=True, max_steps=2,
+                                    max_grad_norm=0.5, logging_steps=1)
+    second.train()
+    mask = first.sparse_mask
+    assert second.sparse_mask == mask
+    for (name, p), q, b in zip(sparse.named_parameters(), dense.parameters(), base.parameters(),
+                               strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(p.detach()[~mask[name]], b.detach()[~mask[name]]), name
+        assert p.requires_grad
+    assert not any("forward" in m.__dict__ for m in sparse.modules())
+    logs = [[e["grad_norm"] for e in t.state.log_history if "grad_norm" in e]
+            for t in (first, second)]
+    assert logs[0] == pytest.approx(logs[1], rel=1e-4)
+    assert min(logs[0]) > 0.5  # clipping was active

@@ -24,6 +24,22 @@ parameter lists, so no callback can make it train only a mask. :class:`SparseTra
 :class:`~sparsetune.SparseAdamW` from ``TrainingArguments`` (learning rate, betas, epsilon,
 weight decay with the Trainer's own no-decay rule for biases and LayerNorm weights).
 
+With ``SparseTrainer(..., sparse_gradients=True)`` the backward pass computes the weight
+gradients of ``nn.Linear`` and ``nn.Embedding`` at the selected entries only
+(:func:`sparsetune.prepare`) for the duration of ``train()``; one process only (DDP does not
+reduce sparse COO gradients).
+
+Gradient clipping (``TrainingArguments.max_grad_norm``): :class:`SparseTrainer` clips by the
+global norm over the *selected* entries (:meth:`SparseAdamW.clip_grad_norm_
+<sparsetune.SparseAdamW>`), and logs that norm as ``grad_norm``: gradients at frozen entries
+never move a weight, so they do not count. A plain ``Trainer`` given a sparse optimizer (way 1)
+clips over *all* entries, frozen ones included, so its updates are clipped harder than the
+theory says: set ``max_grad_norm=0`` there and clip with ``optimizer.clip_grad_norm_`` yourself
+if that matters. With :func:`sparsetune.prepare` a plain ``Trainer`` cannot train at all: it
+takes the norm of every gradient each step for its ``grad_norm`` log, even with
+``max_grad_norm=0``, and torch's norm rejects sparse gradients; use
+``SparseTrainer(sparse_gradients=True)``.
+
 In both cases :class:`SparseTuningCallback` writes ``checkpoint-N/sparse_delta.safetensors``
 (theta - theta0 on the mask, theory/ E1) and ``checkpoint-N/sparse_mask.safetensors`` beside
 every checkpoint the Trainer saves. Resuming (``train(resume_from_checkpoint=...)``) restores the
@@ -47,11 +63,12 @@ from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint
 from ..errors import InvalidArgumentError, StateMismatchError
 from ..io import read_metadata
 from ..mask import Mask
-from ..optim import SparseAdamW
+from ..optim import SparseAdamW, SparseGradients, prepare
 from ..select import method_info, select
 from ._deps import require
 
 require("transformers", "transformers==5.23.0", "sparsetune.integrations.transformers")
+from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from transformers import Trainer, TrainerCallback  # noqa: E402
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
@@ -77,6 +94,12 @@ class SparseTuningCallback(TrainerCallback):
     reproduce the model. Only the process that
     saves (``args.should_save``, rank 0) writes. Building the delta takes one transient copy of
     the model's parameters.
+
+    The plain ``Trainer`` this callback usually rides with clips gradients over *all* entries
+    (frozen ones too), not over the selected ones as :class:`SparseTrainer` does (set
+    ``max_grad_norm=0`` and clip with ``optimizer.clip_grad_norm_`` yourself if that matters);
+    with :func:`sparsetune.prepare` it fails on the sparse gradients whatever ``max_grad_norm``
+    (it logs their norm every step): use ``SparseTrainer(sparse_gradients=True)`` there.
 
     Args:
         model: the pretrained model, before any training step (names as the mask's).
@@ -152,6 +175,12 @@ class SparseTrainer(Trainer):
     the mask beside every checkpoint; ``train(resume_from_checkpoint=...)`` reads the mask back
     from the checkpoint and checks that ``model`` is the base the checkpoint was tuned from.
 
+    Gradient clipping (``args.max_grad_norm > 0``) scales the gradients so that their global
+    norm over the *selected* entries is at most ``max_grad_norm``
+    (:meth:`SparseAdamW.clip_grad_norm_ <sparsetune.SparseAdamW>`), after unscaling AMP
+    gradients as accelerate does; the logged ``grad_norm`` is that norm too. (The plain
+    ``Trainer`` counts frozen entries as well, which clips the trained ones harder.)
+
     Args:
         method: a selection method (``sparsetune.METHODS``), or None with ``mask=``.
         density: p in (0, 1] for methods that take a budget.
@@ -162,10 +191,17 @@ class SparseTrainer(Trainer):
         selection_loss_fn: ``loss_fn(model, batch)`` for selection only (training uses the
             Trainer's loss); default ``model(**batch).loss``.
         decay_to: ``"zero"`` (AdamW) or ``"init"`` (pull toward theta0, theory/ E2).
+        sparse_gradients: compute Linear/Embedding weight gradients at the selected entries
+            only (:func:`sparsetune.prepare`), from just after the optimizer is built until
+            ``train()`` returns or raises, when the model is restored. Parameters with no
+            selected entry have ``requires_grad`` off meanwhile. Same updates as the dense path
+            (to rounding); one process only.
         *args, **kwargs: as for ``Trainer``; ``optimizers`` may carry a scheduler only.
 
-    Not supported (refused at construction): ``model_init``, DeepSpeed, FSDP, and
-    ``TrainingArguments.optim`` other than ``adamw_torch``/``adamw_torch_fused``.
+    Not supported (refused at construction): ``model_init``, DeepSpeed, FSDP,
+    ``TrainingArguments.optim`` other than ``adamw_torch``/``adamw_torch_fused``, and
+    ``sparse_gradients=True`` with more than one process or GPU (DDP does not reduce sparse
+    COO gradients; DataParallel replicas would share the original modules' forwards).
     """
 
     def __init__(
@@ -179,6 +215,7 @@ class SparseTrainer(Trainer):
         selection_options: Mapping[str, Any] | None = None,
         selection_loss_fn: Any = None,
         decay_to: str = "zero",
+        sparse_gradients: bool = False,
         **kwargs: Any,
     ) -> None:
         if (method is None) == (mask is None):
@@ -199,6 +236,10 @@ class SparseTrainer(Trainer):
         ):
             raise InvalidArgumentError(
                 f"selection_batches must be an integer >= 1, got {selection_batches!r}"
+            )
+        if not isinstance(sparse_gradients, bool):
+            raise InvalidArgumentError(
+                f"sparse_gradients must be True or False, got {sparse_gradients!r}"
             )
         optimizers = kwargs.get("optimizers", (None, None))
         if optimizers[0] is not None:
@@ -223,6 +264,8 @@ class SparseTrainer(Trainer):
             raise InvalidArgumentError(
                 "SparseTrainer does not support DeepSpeed or FSDP (sharded parameters); use DDP"
             )
+        if sparse_gradients:
+            _check_single_process(self.args)
         self.sparse_method = method if method is not None else "given"
         self.density = density
         self.sparse_mask: Mask | None = mask
@@ -233,6 +276,8 @@ class SparseTrainer(Trainer):
         self.selection_loss_fn = selection_loss_fn
         self.decay_to = decay_to
         self.sparse_callback: SparseTuningCallback | None = None
+        self.sparse_gradients = sparse_gradients
+        self._sparse_gradients_handle: SparseGradients | None = None
 
     # -- mask -----------------------------------------------------------------------------
     def select_mask(self) -> Mask:
@@ -286,11 +331,48 @@ class SparseTrainer(Trainer):
         if checkpoint and self.optimizer is None:
             # Before super().train() loads the checkpoint's weights: self.model is still theta0.
             self._restore_from_checkpoint(checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self._sparse_gradients_handle is not None:
+                self._sparse_gradients_handle.remove()  # the model is left as it was
+                self._sparse_gradients_handle = None
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is not None:
-            return self.optimizer
+        if self.optimizer is None:
+            self._build_optimizer(model)
+        if self.sparse_gradients and self.is_in_train and self._sparse_gradients_handle is None:
+            # After building the optimizer: prepare() turns requires_grad off for parameters
+            # with no selected entry, and the optimizer is built from requires_grad parameters.
+            self._sparse_gradients_handle = prepare(self.model, self.sparse_mask)
+        return self.optimizer
+
+    def sparse_optimizer(self) -> SparseAdamW:
+        """The SparseAdamW this trainer built (inside accelerate's wrapper once training runs)."""
+        optimizer = self.optimizer
+        while isinstance(optimizer, AcceleratedOptimizer):
+            optimizer = optimizer.optimizer
+        if not isinstance(optimizer, SparseAdamW):
+            raise InvalidArgumentError(
+                f"SparseTrainer has no SparseAdamW yet (optimizer is "
+                f"{type(optimizer).__name__}): call create_optimizer() or train() first"
+            )
+        return optimizer
+
+    def _clip_grad_norm(self, model: nn.Module) -> Tensor:
+        """Clip to ``args.max_grad_norm`` over the selected entries; the norm before clipping."""
+        self.accelerator.unscale_gradients()
+        return self.sparse_optimizer().clip_grad_norm_(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Tensor | float | None = None
+                       ) -> Tensor | float:
+        """The norm logged as ``grad_norm``: over the selected entries (unclipped if given)."""
+        if grad_norm is None:
+            self.accelerator.unscale_gradients()
+            grad_norm = self.sparse_optimizer().clip_grad_norm_(float("inf"))  # scales by 1
+        return grad_norm
+
+    def _build_optimizer(self, model: nn.Module | None) -> None:
         if model is not None and model is not self.model:
             raise InvalidArgumentError(
                 "SparseTrainer cannot build its optimizer on a wrapped model"
@@ -313,7 +395,19 @@ class SparseTrainer(Trainer):
             weight_decay=self.args.weight_decay,
             decay_to=self.decay_to,
         )
-        return self.optimizer
+
+
+def _check_single_process(args: Any) -> None:
+    """Refuse sparse-gradient training over several processes or GPUs (``args``:
+    ``TrainingArguments``): DDP does not all-reduce sparse COO gradients, and DataParallel
+    replicas would run the original modules' replaced forwards."""
+    world_size, n_gpu = int(args.world_size), int(args.n_gpu)
+    if world_size > 1 or n_gpu > 1:
+        raise InvalidArgumentError(
+            f"SparseTrainer(sparse_gradients=True) runs in one process on one device, got "
+            f"world_size={world_size}, n_gpu={n_gpu}: DDP does not reduce sparse gradients; "
+            f"use sparse_gradients=False (the dense masked path) for multi-device training"
+        )
 
 
 class _FirstBatches:
