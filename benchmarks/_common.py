@@ -127,7 +127,9 @@ class CpuGuard:
         except (OSError, ValueError):
             return None
         busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)
-        return busy, int(own[11]) + int(own[12]), time.monotonic()
+        # utime + stime, plus cutime + cstime: a measured child process the script has waited
+        # for is its own work, not a neighbour's
+        return busy, sum(int(x) for x in own[11:15]), time.monotonic()
 
     def start(self) -> tuple[int, int, float] | None:
         return self._sample() if self.enabled else None

@@ -342,6 +342,21 @@ def _table(task_result: dict, metric: str) -> str:
     return "\n".join(lines)
 
 
+def _previous_tasks(path: Path) -> dict[str, Any]:
+    """Per-task results of an earlier run written to ``path`` (empty if none or unreadable),
+    each tagged with the command and configuration of that run."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    tasks = previous.get("tasks", {}) if isinstance(previous, dict) else {}
+    for task in tasks.values():
+        task.setdefault("command", previous.get("command"))
+        task.setdefault("started", previous.get("started"))
+        task.setdefault("config", previous.get("config"))
+    return tasks
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.quick:
@@ -360,6 +375,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tasks": {},
     }
 
+    # Tasks measured by an earlier invocation (and not run again now) are kept, each with the
+    # command and configuration that produced it, so tasks can be run one sitting at a time.
+    for name, kept in _previous_tasks(json_path).items():
+        if name not in args.tasks:
+            result["tasks"][name] = kept
+
     def save() -> None:
         _write_json(result, json_path)
 
@@ -368,7 +389,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         task = _Task(name, args)
         task_result: dict[str, Any] = {"metric": task.data.metric,
                                        "n_train": len(task.data.train),
-                                       "n_test": len(task.test.split), "fits": {}}
+                                       "n_test": len(task.test.split), "fits": {},
+                                       "command": result["command"],
+                                       "started": result["started"],
+                                       "config": result["config"]}
         result["tasks"][name] = task_result
         solutions = _solutions(task, runs, task_result, save)
         records = [r for _, r in solutions]

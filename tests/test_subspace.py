@@ -437,3 +437,19 @@ def test_benchmark_quick_configuration(tmp_path):
     again = bench.main(["--quick", "--methods", "bitfit", "lora", "--output-dir",
                         str(tmp_path)])
     assert all(r["cached"] for r in again["tasks"]["rotten_tomatoes"]["solutions"])
+
+
+def test_benchmark_keeps_tasks_of_an_earlier_run(tmp_path):
+    from benchmarks import subspace as bench
+
+    path = tmp_path / "subspace.json"
+    assert bench._previous_tasks(path) == {}
+    path.write_text(json.dumps({"command": "benchmarks/subspace.py --seeds 0", "started": "t0",
+                                "config": {"seeds": [0]},
+                                "tasks": {"rotten_tomatoes": {"fits": {"svd": {}}}}}))
+    kept = bench._previous_tasks(path)
+    assert kept == {"rotten_tomatoes": {"fits": {"svd": {}}, "config": {"seeds": [0]},
+                                        "command": "benchmarks/subspace.py --seeds 0",
+                                        "started": "t0"}}
+    path.write_text("{not json")
+    assert bench._previous_tasks(path) == {}
