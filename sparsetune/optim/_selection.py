@@ -61,15 +61,12 @@ class Selection:
             if values.data_ptr() != tensor.data_ptr():
                 tensor.copy_(values.view(tensor.shape))
             return
-        # scatter_ with int64 indices (distinct, so no reduction) runs 2-4 times faster than
-        # index_put_ on CPU; the stored index stays int32 (state bytes) and is widened here.
-        index = self.index.to(torch.int64)
         if tensor.is_contiguous():
-            tensor.view(-1).scatter_(0, index, values)
+            tensor.view(-1).index_put_((self.index,), values)
             return
         # No flat view of a non-contiguous tensor: update a row-major copy and write it back.
         flat = tensor.reshape(-1)
-        flat.scatter_(0, index, values)
+        flat.index_put_((self.index,), values)
         tensor.copy_(flat.view(tensor.shape))
 
 
