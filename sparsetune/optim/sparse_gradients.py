@@ -57,8 +57,9 @@ __all__ = [
 #: the plain dense product); ``"auto"`` picks the cheaper per weight by :data:`LINEAR_COSTS`.
 LINEAR_PRODUCTS = ("auto", "sampled", "blocks")
 
-#: Cost per token of the operations above, in ns, measured on the 2-core x86 CI machine with
-#: torch's MKL build (``benchmarks/sparse_training.py`` profiles): a multiply-add inside a dense
+#: Cost per token of the operations above, in ns, from microbenchmarks at MiniLM's shapes on a
+#: 2-core x86 VM with torch's CPU build (672 tokens, 384 x 384 and 1536 x 384 weights, inside
+#: a training step where copies run slower than alone): a multiply-add inside a dense
 #: matrix product, one inside the sampled product, an element of a transposed copy (memory
 #: bound) and an element gathered along a row. Only their ratios matter: a dense product runs
 #: some 10 times faster per multiply-add than the sampled one and 100 times faster than a
