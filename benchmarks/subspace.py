@@ -5,7 +5,8 @@ every run), every method (default sam, random, bitfit, lt_sft, full fine-tuning 
 trained from the same base (all-MiniLM-L6-v2 with a seed-0 head) with 2-3 training seeds.
 Each solution is a SparseDelta of the base; merged LoRA is the dense change of the matrices it
 adapted (peft ``merge_and_unload`` minus the base) plus its head. Then, for ``svd`` and
-``joint`` fits (``sparsetune.subspace.fit``):
+``joint`` fits (``sparsetune.subspace.fit``, on unit-norm solutions unless ``--no-normalize``:
+unscaled, a random mask trained at lr 1e-2 or full fine-tuning claims every direction):
 
 * reconstruction error of every solution for each dimension in ``--dims``;
 * at ``--dim``: the test score of each solution *reconstructed* in the subspace
@@ -78,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", nargs="+", type=int, default=[1, 2, 4, 8, 16],
                    help="dimensions of the reconstruction-error curve")
     p.add_argument("--joint-iterations", type=int, default=15)
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit on unit-norm solutions (subspace.fit(normalize=True)), so that "
+                   "methods with large changes do not claim every direction")
     p.add_argument("--subspace-steps", type=int, default=150)
     p.add_argument("--subspace-lr-scale", type=float, default=0.02,
                    help="Adam lr for z = this times the largest |fitted coordinate|")
@@ -301,10 +305,11 @@ def _evaluate_fit(task, space, solutions, fit_method, out, save, landscape_path)
         save()
 
 
-def _fit(deltas, records, labels, dim, fit_method, iterations, out, save) -> Subspace:
+def _fit(deltas, records, labels, dim, fit_method, iterations, out, save,
+         normalize: bool = True) -> Subspace:
     tick = time.perf_counter()
     space = st.subspace.fit(deltas, dim, method=fit_method, labels=labels,
-                            iterations=iterations)
+                            iterations=iterations, normalize=normalize)
     errors = _by_method(records, space.reconstruction_error.tolist())
     out["reconstruction_error"][str(dim)] = {
         "by_method": {m: s["mean"] for m, s in errors.items()},
@@ -406,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if args.dim > len(deltas):
                 continue
             space = _fit(deltas, records, labels, args.dim, fit_method, args.joint_iterations, out,
-                         save)
+                         save, args.normalize)
             png = args.output_dir / f"subspace-{name}-{fit_method}{suffix}.png"
             _evaluate_fit(task, space, solutions, fit_method, out, save, png)
             del space
@@ -415,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for dim in sorted(set(args.dims) - {args.dim}):
                 if dim <= len(deltas):
                     _fit(deltas, records, labels, dim, fit_method, args.joint_iterations, out,
-                         save)
+                         save, args.normalize)
         print(_table(task_result, task.data.metric), flush=True)
     result["status"] = "complete"
     result["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

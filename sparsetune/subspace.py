@@ -398,6 +398,7 @@ def fit(
     iterations: int = 50,
     tol: float = 1e-6,
     dtype: torch.dtype = torch.float32,
+    normalize: bool = False,
     progress: bool = False,
 ) -> Subspace:
     """A d-dimensional subspace (S1) that reconstructs every solution in ``deltas``.
@@ -410,6 +411,9 @@ def fit(
     less than ``tol`` relatively; ``ridge`` is relative to the mean squared column norm).
     ``labels``: one name per delta (default: each delta's ``method``). The basis is stored in
     ``dtype`` (D x d entries; float32 needs 4 D d bytes); sums are accumulated in float64.
+    ``normalize``: fit on every solution scaled to unit norm, so that methods whose changes are
+    10-100x larger (a random mask trained at a high learning rate, full fine-tuning) do not
+    claim every direction; the coordinates ``z`` stay those of the unscaled solutions.
     """
     deltas = _check_deltas(deltas)
     dim = _check_int("dim", dim)
@@ -433,12 +437,22 @@ def fit(
         raise InvalidArgumentError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     layout = _layout_of(deltas)
     vectors = [_vector_of(d, layout, dtype, strict=True)[0] for d in deltas]
+    scale = torch.ones(len(vectors), dtype=torch.float64)
+    work = vectors
+    if normalize:
+        scale = torch.tensor([v.sq_norm() for v in vectors], dtype=torch.float64).sqrt()
+        zero = [label for label, s in zip(labels, scale) if float(s) == 0.0]
+        if zero:
+            raise InvalidArgumentError(f"cannot normalize solutions that are all zero: {zero}")
+        work = [_Vector(v.pos, {k: x / float(s) for k, x in v.val.items()})
+                for v, s in zip(vectors, scale)]
     history: list[float] = []
     if method == "svd":
-        basis, z = _svd(vectors, layout, dim, dtype)
+        basis, z = _svd(work, layout, dim, dtype)
     else:
-        basis, z, history = _joint(vectors, layout, dim, dtype, ridge, iterations, tol, progress)
+        basis, z, history = _joint(work, layout, dim, dtype, ridge, iterations, tol, progress)
     basis, z = _canonical(layout, basis, z)
+    z = z * scale[:, None]  # coordinates of the solutions as given
     space = Subspace(layout, basis, z, labels, method, deltas[0].base_fingerprint)
     space.fit_history = history
     space.reconstruction_error = torch.tensor(

@@ -453,3 +453,28 @@ def test_benchmark_keeps_tasks_of_an_earlier_run(tmp_path):
                                         "started": "t0"}}
     path.write_text("{not json")
     assert bench._previous_tasks(path) == {}
+
+
+@pytest.mark.parametrize("method", ["svd", "joint"])
+def test_normalize_gives_every_solution_equal_weight(make_mlp, method):
+    """Two small, nearly parallel solutions and one 100x larger orthogonal one, d = 1: the
+    plain fit spends its direction on the large one; the normalised fit on the shared one."""
+    model = make_mlp()
+    size = _flat_size(model)
+    e = torch.eye(size, dtype=torch.float64)
+    small_a, small_b, large = e[0], e[0] + 0.1 * e[1], 100 * e[2]
+    deltas = [_delta(model, v, method=m) for v, m in
+              ((small_a, "a"), (small_b, "b"), (large, "c"))]
+    plain = subspace.fit(deltas, 1, method=method, dtype=torch.float64)
+    scaled = subspace.fit(deltas, 1, method=method, dtype=torch.float64, normalize=True)
+    torch.testing.assert_close(plain.reconstruction_error,
+                               torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    err = scaled.reconstruction_error
+    assert float(err[0]) < 0.06 and float(err[1]) < 0.06 and float(err[2]) > 0.999
+    # Coordinates are those of the solutions as given: projecting gives them back.
+    for i, d in enumerate(deltas):
+        torch.testing.assert_close(scaled.project(d).double(), scaled.coordinates[i],
+                                   atol=1e-6, rtol=1e-6)
+    with pytest.raises(st.errors.InvalidArgumentError, match="all zero"):
+        subspace.fit([*deltas, _delta(model, 0 * small_a, method="zero")], 1, normalize=True)
