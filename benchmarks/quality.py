@@ -20,8 +20,9 @@ Protocol (the defaults; ``--quick`` shrinks every number for a smoke run):
 * **Learning rates.** One rule for every method: each method has a default peak lr (its
   family's; :data:`DEFAULT_LRS`), is trained at default x (1/3, 1, 3) on the lr-selection task
   (Rotten Tomatoes) with seed 0, and keeps the lr with the best validation score; that lr is
-  then fixed for every task and seed. The test split is never read to choose. A choice at an
-  edge of the grid is flagged in the table.
+  then fixed for every task and seed. The test split is never read to choose. When the winner
+  is at an edge of the grid and strictly beats its neighbour, the grid grows one more factor of
+  3 past that edge, at most twice (:func:`pick_lr`); a choice still at an edge is flagged.
 * **Data.** Splits are ``load_task(task, seed=0)`` for every run (the seed varies the model's
   head, batch order, dropout, random masks and selection batches, not the test set): the whole
   training split, the first 500 validation and the first 1,000 test examples.
@@ -112,6 +113,8 @@ DEFAULT_LRS: dict[str, float] = {
 }
 METHOD_ORDER: tuple[str, ...] = tuple(DEFAULT_LRS)
 LR_SCALES = (1 / 3, 1.0, 3.0)
+#: How many times the lr grid may grow past an edge that wins (see :func:`pick_lr`).
+LR_EXTENSIONS = 2
 
 
 # =============================================================================================
@@ -619,20 +622,54 @@ def lr_grid(method: str, density: float | None, scales: Sequence[float]) -> list
     return [float(f"{centre * s:.3g}") for s in scales]
 
 
-def choose_lr(runner: Runner, task: str, method: str, density: float | None, seed: int,
-              scales: Sequence[float], sweep: bool = False) -> dict[str, Any] | None:
-    """Train at every lr of the grid; the best validation score wins (ties: the smaller lr)."""
-    grid = lr_grid(method, density, scales)
+def pick_lr(grid: Sequence[float], score_of: Callable[[float], float | None],
+            extensions: int = 0) -> dict[str, Any] | None:
+    """The lr rule: the best validation score on ``grid`` wins (ties: the smaller lr).
+
+    While the winner sits at an edge of the grid and scores strictly above its inner neighbour,
+    the grid is extended by one more point beyond that edge (the same ratio as the grid's outer
+    step), at most ``extensions`` times. ``score_of(lr)`` gives a run's validation score (None:
+    not run yet; then the choice is None too).
+    """
+    grid = list(grid)
     scores: dict[float, float] = {}
     for lr in grid:
+        score = score_of(lr)
+        if score is None:
+            return None
+        scores[lr] = score
+    added = 0
+    while True:
+        best = max(grid, key=lambda lr: (scores[lr], -lr))
+        edge = len(grid) > 1 and best in (grid[0], grid[-1])
+        if not edge or added >= extensions:
+            break
+        low = best == grid[0]
+        inner = grid[1] if low else grid[-2]
+        if scores[best] <= scores[inner]:
+            break  # a flat edge (e.g. nothing learns): extending would not change the choice
+        ratio = grid[0] / grid[1] if low else grid[-1] / grid[-2]
+        lr = float(f"{best * ratio:.3g}")
+        score = score_of(lr)
+        if score is None:
+            return None
+        scores[lr] = score
+        grid = [lr, *grid] if low else [*grid, lr]
+        added += 1
+    return {"grid": grid, "validation": scores, "chosen": best, "at_grid_edge": edge,
+            "extensions": added}
+
+
+def choose_lr(runner: Runner, task: str, method: str, density: float | None, seed: int,
+              scales: Sequence[float], sweep: bool = False,
+              extensions: int = 0) -> dict[str, Any] | None:
+    """Train at every lr the rule (:func:`pick_lr`) needs; returns its choice."""
+
+    def score_of(lr: float) -> float | None:
         record = runner.run(RunSpec(task, method, density, seed, lr, sweep))
-        if record is not None:
-            scores[lr] = record["validation"]["score"]
-    if len(scores) < len(grid):
-        return None
-    best = max(grid, key=lambda lr: (scores[lr], -lr))
-    edge = len(grid) > 1 and best in (grid[0], grid[-1])
-    return {"grid": grid, "validation": scores, "chosen": best, "at_grid_edge": edge}
+        return None if record is None else record["validation"]["score"]
+
+    return pick_lr(lr_grid(method, density, scales), score_of, extensions)
 
 
 @dataclass
@@ -643,6 +680,7 @@ class Plan:
     lr_task: str = "rotten_tomatoes"
     lr_seed: int = 0
     lr_scales: tuple[float, ...] = LR_SCALES
+    lr_extensions: int = LR_EXTENSIONS
     sweep: bool = True
     sweep_densities: tuple[float, ...] = (0.001, 0.005, 0.02, 0.05, 0.2)
     sweep_methods: tuple[str, ...] = SWEEP_METHODS
@@ -666,7 +704,7 @@ def execute(plan: Plan, runner: Runner, on_progress: Callable[[], None]) -> dict
     chosen: dict[str, dict[str, Any]] = {}
     for method in ready:
         choice = choose_lr(runner, plan.lr_task, method, density_for(method, density),
-                           plan.lr_seed, plan.lr_scales)
+                           plan.lr_seed, plan.lr_scales, extensions=plan.lr_extensions)
         if choice is not None:
             chosen[method] = choice
         on_progress()
@@ -688,7 +726,7 @@ def run_sweep(plan: Plan, runner: Runner, on_progress: Callable[[], None]) -> No
     for p in plan.sweep_densities:
         for method in ready:
             choice = choose_lr(runner, plan.lr_task, method, p, plan.lr_seed, plan.lr_scales,
-                               sweep=True)
+                               sweep=True, extensions=plan.lr_extensions)
             on_progress()
             if choice is None:
                 continue
@@ -722,18 +760,15 @@ def _lr_choices(records: list[dict[str, Any]], plan: Plan, density: float,
     for method in methods:
         for p in densities:
             d = density_for(method, p)
-            grid = lr_grid(method, d, plan.lr_scales)
             scores = {
                 r["spec"]["lr"]: r["validation"]["score"] for r in records
                 if r["spec"]["task"] == plan.lr_task and r["spec"]["method"] == method
                 and r["spec"]["density"] == d and r["spec"]["seed"] == plan.lr_seed
-                and r["spec"]["sweep"] == sweep and r["spec"]["lr"] in grid
+                and r["spec"]["sweep"] == sweep
             }
-            if len(scores) == len(grid):
-                best = max(grid, key=lambda lr: (scores[lr], -lr))
-                edge = len(grid) > 1 and best in (grid[0], grid[-1])
-                out[(method, d)] = {"grid": grid, "validation": scores, "chosen": best,
-                                    "at_grid_edge": edge}
+            choice = pick_lr(lr_grid(method, d, plan.lr_scales), scores.get, plan.lr_extensions)
+            if choice is not None:
+                out[(method, d)] = choice
     return out
 
 
@@ -932,7 +967,8 @@ def write_summary(runner: Runner, plan: Plan, command: str, status: str,
     write_json(out / "quality.json", summary)
     text = (f"# Quality benchmark ({status})\n\n`{command}`\n\n"
             f"Test score x 100, mean ± std (seeds); lr chosen on {plan.lr_task} validation, "
-            f"seed {plan.lr_seed}.\n\n{format_table(summary)}\n\n"
+            f"seed {plan.lr_seed}: best of default x (1/3, 1, 3), the grid extended past a "
+            f"winning edge up to {plan.lr_extensions} times.\n\n{format_table(summary)}\n\n"
             f"## Density sweep ({plan.lr_task})\n\n{format_sweep(summary)}\n")
     tmp = out / ".table.md.tmp"
     tmp.write_text(text)
@@ -963,6 +999,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--lr-task", choices=data.TASKS, default="rotten_tomatoes")
     ap.add_argument("--lr-scales", nargs="+", type=float, default=list(LR_SCALES))
+    ap.add_argument("--lr-extensions", type=int, default=LR_EXTENSIONS,
+                    help="extra grid points allowed past a winning edge (default %(default)s)")
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
                     help="the density sweep of sam vs random on the lr task (default on)")
     ap.add_argument("--sweep-densities", nargs="+", type=_density_arg,
@@ -1000,13 +1038,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     methods = args.methods or (["random", "sam"] if args.quick else list(METHOD_ORDER))
     plan = Plan(tasks=list(args.tasks), methods=methods, seeds=list(args.seeds),
-                lr_task=args.lr_task, lr_scales=tuple(args.lr_scales), sweep=args.sweep,
+                lr_task=args.lr_task, lr_scales=tuple(args.lr_scales),
+                lr_extensions=args.lr_extensions, sweep=args.sweep,
                 sweep_densities=tuple(args.sweep_densities))
     plan.lr_seed = plan.seeds[0]
     if args.quick:
         plan.tasks, plan.lr_task, plan.seeds, plan.lr_seed = ["rotten_tomatoes"], \
             "rotten_tomatoes", plan.seeds[:1], plan.seeds[0]
         plan.lr_scales = plan.lr_scales[:2]
+        plan.lr_extensions = min(plan.lr_extensions, 1)
         plan.sweep_densities = (0.05,)
     command = shlex.join([Path(sys.executable).name, "-m", "benchmarks.quality",
                           *(argv if argv is not None else sys.argv[1:])])

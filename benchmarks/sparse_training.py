@@ -107,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--eval-examples", type=int, default=None,
-                   help="test examples for accuracy (default 1000)")
+                   help="held-out examples for accuracy (default 1000)")
+    p.add_argument("--eval-split", choices=["test", "validation"], default="test",
+                   help="split the accuracy is measured on (validation: to choose learning "
+                   "rates without looking at the test split)")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
                    help=f"learning rate of one method (defaults {DEFAULT_LRS})")
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -262,7 +265,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         model, tokenizer, task = load_task_model(args)
         train = data.batches(task.train, tokenizer, batch_size=args.batch_size,
                              max_length=args.seq_len, shuffle=True, seed=args.seed)
-        test = task.test
+        test = getattr(task, getattr(args, "eval_split", "test"))
         if args.eval_examples < len(test):
             test = data.Split(test.texts[: args.eval_examples], test.labels[: args.eval_examples])
         steps, warmup = args.steps, args.warmup
@@ -327,6 +330,7 @@ def run_method(spec: dict[str, Any]) -> dict[str, Any]:
         batches_test = data.batches(test, tokenizer, batch_size=64, max_length=args.seq_len)
         row["accuracy"] = data.evaluate(model, batches_test, task.metric)
         row["eval_examples"] = len(test)
+        row["eval_split"] = args.eval_split
     return row
 
 

@@ -78,13 +78,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=4, help="dimension of the main subspace")
     p.add_argument("--dims", nargs="+", type=int, default=[1, 2, 4, 8, 16],
                    help="dimensions of the reconstruction-error curve")
+    p.add_argument("--fits", nargs="+", default=list(FIT_METHODS), choices=FIT_METHODS,
+                   help="fit methods to run; a task's other fits are kept from the previous JSON")
     p.add_argument("--joint-iterations", type=int, default=15)
     p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                    help="fit on unit-norm solutions (subspace.fit(normalize=True)), so that "
                    "methods with large changes do not claim every direction")
     p.add_argument("--subspace-steps", type=int, default=150)
     p.add_argument("--subspace-lr-scale", type=float, default=0.02,
-                   help="Adam lr for z = this times the largest |fitted coordinate|")
+                   help="Adam lr for z when training for a method = this times the largest "
+                   "|fitted coordinate| of that method's solutions (their scale, not direction)")
     p.add_argument("--grid", type=int, default=9)
     p.add_argument("--landscape-examples", type=int, default=128)
     p.add_argument("--validation-examples", type=int, default=500)
@@ -261,9 +264,15 @@ def _evaluate_fit(task, space, solutions, fit_method, out, save, landscape_path)
     targets = {}
     for d, r in solutions:
         targets.setdefault(r["method"], d)
-    lr = args.subspace_lr_scale * float(space.coordinates.abs().max())
+    # The step size follows the scale of the method's own fitted coordinates: methods' deltas
+    # differ in norm by orders of magnitude (random at lr 1e-2 vs sam at 1e-3), and one lr from
+    # the largest of them throws the small ones far off (seen: sam F1 0 at lr 60 on sms_spam).
+    scales = {}
+    for r, z in zip(records, space.coordinates):
+        scales[r["method"]] = max(scales.get(r["method"], 0.0), float(z.abs().max()))
     trained, out["optimised"] = {}, {}
     for method, target in targets.items():
+        lr = args.subspace_lr_scale * scales[method]
         tick = time.perf_counter()
         task.base.train()
         with torch.random.fork_rng(devices=[]):
@@ -382,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Tasks measured by an earlier invocation (and not run again now) are kept, each with the
     # command and configuration that produced it, so tasks can be run one sitting at a time.
-    for name, kept in _previous_tasks(json_path).items():
+    previous = _previous_tasks(json_path)
+    for name, kept in previous.items():
         if name not in args.tasks:
             result["tasks"][name] = kept
 
@@ -404,8 +414,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         task_result["original"] = _by_method(records, [r["test"] for r in records])
         labels = [f"{r['method']}" for r in records]
         deltas = [d for d, _ in solutions]
-        # The main dimension first (scores, transfer, landscape), then the error curve.
+        # Fits not run now are kept from the previous run of this task (same solutions only if
+        # its configuration matches: each kept fit carries that run's command and config).
         for fit_method in FIT_METHODS:
+            kept_fit = previous.get(name, {}).get("fits", {}).get(fit_method)
+            if fit_method not in args.fits and kept_fit:
+                kept_fit.setdefault("command", previous[name].get("command"))
+                kept_fit.setdefault("config", previous[name].get("config"))
+                task_result["fits"][fit_method] = kept_fit
+        # The main dimension first (scores, transfer, landscape), then the error curve.
+        for fit_method in args.fits:
             out: dict[str, Any] = {"reconstruction_error": {}}
             task_result["fits"][fit_method] = out
             if args.dim > len(deltas):
@@ -415,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             png = args.output_dir / f"subspace-{name}-{fit_method}{suffix}.png"
             _evaluate_fit(task, space, solutions, fit_method, out, save, png)
             del space
-        for fit_method in FIT_METHODS:
+        for fit_method in args.fits:
             out = task_result["fits"][fit_method]
             for dim in sorted(set(args.dims) - {args.dim}):
                 if dim <= len(deltas):

@@ -111,3 +111,53 @@ def test_peft_rank_comes_nearest_the_budget(tiny_bert_and_tokenizer):
         assert len(targets) == 4 if method == "lora" else len(targets) == 2
         assert all(abs(rank * per_rank - density * m) <= abs(r * per_rank - density * m)
                    for r in range(1, 4 * rank + 2))
+
+
+def _brute_force_pick(curve, grid, extensions):
+    """Reference for pick_lr on a score curve: walk outwards by hand."""
+    grid = list(grid)
+    for _ in range(extensions + 1):
+        best = max(grid, key=lambda lr: (curve(lr), -lr))
+        if best == grid[0] and len(grid) > 1 and curve(grid[0]) > curve(grid[1]):
+            nxt = [float(f"{grid[0] * grid[0] / grid[1]:.3g}"), *grid]
+        elif best == grid[-1] and len(grid) > 1 and curve(grid[-1]) > curve(grid[-2]):
+            nxt = [*grid, float(f"{grid[-1] * grid[-1] / grid[-2]:.3g}")]
+        else:
+            return best, grid
+        if _ == extensions:
+            return best, grid
+        grid = nxt
+    return best, grid
+
+
+@pytest.mark.parametrize("peak", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1])
+@pytest.mark.parametrize("extensions", [0, 1, 2])
+def test_pick_lr_extends_past_a_winning_edge(peak, extensions):
+    import math
+
+    def curve(lr):  # unimodal in log lr, best at `peak`
+        return -abs(math.log(lr) - math.log(peak))
+
+    calls = []
+
+    def score_of(lr):
+        calls.append(lr)
+        return curve(lr)
+
+    grid = quality.lr_grid("sam", 0.005, quality.LR_SCALES)  # 3.33e-4, 1e-3, 3e-3
+    choice = quality.pick_lr(grid, score_of, extensions)
+    best, searched = _brute_force_pick(curve, grid, extensions)
+    assert choice["chosen"] == best
+    assert choice["grid"] == searched == sorted(calls)  # each lr trained once
+    assert len(set(calls)) == len(calls)
+    assert choice["extensions"] == len(searched) - 3
+    assert choice["at_grid_edge"] == (best in (searched[0], searched[-1]))
+
+
+def test_pick_lr_does_not_extend_a_flat_edge_and_waits_for_missing_runs():
+    flat = quality.pick_lr([1e-4, 3e-4, 9e-4], lambda lr: 0.56, extensions=2)
+    assert flat["chosen"] == 1e-4 and flat["grid"] == [1e-4, 3e-4, 9e-4]  # ties: smaller lr
+    assert flat["at_grid_edge"] and flat["extensions"] == 0
+    scores = {1e-4: 0.5, 3e-4: 0.6, 9e-4: 0.7}  # the extension 2.7e-3 has not run yet
+    assert quality.pick_lr(list(scores), scores.get, extensions=1) is None
+    assert quality.pick_lr(list(scores), scores.get, extensions=0)["chosen"] == 9e-4
