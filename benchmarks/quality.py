@@ -957,6 +957,11 @@ def write_summary(runner: Runner, plan: Plan, command: str, status: str,
               if r["seed"] == plan.lr_seed}
     summary = summarise(_records(runner.runs_dir), plan, runner.protocol, missing,
                         runner.failures, bounds)
+    filled = all(row.get("status") == "ok" and all(
+        row["tasks"].get(t, {}).get("n") == len(plan.seeds) for t in plan.tasks)
+        for row in summary["table"].values())
+    if status == "complete" and not filled:
+        status = "partial"  # this invocation is done, the table is not (other methods' runs)
     summary.update(
         status=status,
         command=command,
@@ -1055,6 +1060,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         bound_examples = 0 if args.quick else 32
     runner = Runner(protocol, args.output_dir, progress=args.progress,
                     bound_examples=bound_examples)
+    # The table always lists every method (what is on disk), so that several invocations, each
+    # with its own --methods (e.g. one per core), share one table.md and quality.json.
+    table_plan = plan if args.quick else dataclasses.replace(plan, methods=list(METHOD_ORDER))
     _, missing = available(plan.methods)
     print(f"quality benchmark -> {args.output_dir}\nprotocol: {dataclasses.asdict(protocol)}")
     for method, reason in missing.items():
@@ -1064,7 +1072,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         def on_progress() -> None:  # the plot at most every 5 minutes (it takes a second)
             plot = time.monotonic() - last_plot[0] > 300
-            write_summary(runner, plan, command, "running", plot=plot)
+            write_summary(runner, table_plan, command, "running", plot=plot)
             if plot:
                 last_plot[0] = time.monotonic()
 
@@ -1072,7 +1080,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         execute(plan, runner, on_progress)
         print(f"{runner.new_runs} new runs in {time.perf_counter() - started:.0f} s, "
               f"{len(runner.failures)} failed")
-    summary = write_summary(runner, plan, command, "complete" if not runner.failures
+    summary = write_summary(runner, table_plan, command, "complete" if not runner.failures
                             and not missing else "partial")
     summary["new_runs"] = runner.new_runs
     print(format_table(summary))
