@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                    "methods with large changes do not claim every direction")
     p.add_argument("--subspace-steps", type=int, default=150)
     p.add_argument("--subspace-lr-scale", type=float, default=0.02,
-                   help="Adam lr for z when training for a method = this times the largest "
-                   "|fitted coordinate| of that method's solutions (their scale, not direction)")
+                   help="Adam lr (a step length in parameter space) when training for a "
+                   "method = this times the largest norm of that method's solutions")
     p.add_argument("--grid", type=int, default=9)
     p.add_argument("--landscape-examples", type=int, default=128)
     p.add_argument("--validation-examples", type=int, default=500)
@@ -264,12 +264,13 @@ def _evaluate_fit(task, space, solutions, fit_method, out, save, landscape_path)
     targets = {}
     for d, r in solutions:
         targets.setdefault(r["method"], d)
-    # The step size follows the scale of the method's own fitted coordinates: methods' deltas
-    # differ in norm by orders of magnitude (random at lr 1e-2 vs sam at 1e-3), and one lr from
-    # the largest of them throws the small ones far off (seen: sam F1 0 at lr 60 on sms_spam).
+    # Subspace.train steps in orthonormal coordinates of the decoded directions, so lr is a
+    # length in parameter space: a fixed fraction of the method's own solution norm (its scale,
+    # not its direction). Methods' deltas differ in norm by orders of magnitude (random at lr
+    # 1e-2 vs sam at 1e-3); one lr from the largest threw the small ones off (sam F1 0).
     scales = {}
-    for r, z in zip(records, space.coordinates):
-        scales[r["method"]] = max(scales.get(r["method"], 0.0), float(z.abs().max()))
+    for d, r in solutions:
+        scales[r["method"]] = max(scales.get(r["method"], 0.0), d.norm())
     trained, out["optimised"] = {}, {}
     for method, target in targets.items():
         lr = args.subspace_lr_scale * scales[method]

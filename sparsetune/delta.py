@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -153,6 +154,10 @@ class SparseDelta:
     def num_entries(self) -> int:
         """Number of entries in the support."""
         return sum(e.base.numel() for e in self._entries.values())
+
+    def norm(self) -> float:
+        """Euclidean norm of theta - theta0 over every parameter (computed in float64)."""
+        return math.sqrt(sum(float(e.delta64().square().sum()) for e in self._entries.values()))
 
     def __repr__(self) -> str:
         return (

@@ -809,6 +809,11 @@ class Subspace:
         runs out. ``init`` is the starting z (default 0, the base model); ``mask`` is the
         support the point is decoded in (default every coordinate). Runs in the model's current
         train/eval mode (``model.train()`` for dropout).
+
+        Adam steps in orthonormal coordinates of the decoded directions M U (z = T w with
+        (M U T)^T (M U T) = I), so ``lr`` is a step length in parameter space (units of theta)
+        whatever the scale of U's columns on the mask; the returned z is in the subspace's own
+        coordinates. Directions that decode to zero on the mask stay at ``init``.
         """
         _check_int("steps", steps)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -816,19 +821,50 @@ class Subspace:
         base = self._check_model(model, check_base)
         bits = self._mask_bits(mask)
         dtype = next(iter(self._basis.values())).dtype
-        start = torch.zeros(self.dim, dtype=dtype) if init is None else self._check_z(init)
-        z = start.detach().to(dtype).clone().requires_grad_(True)
-        opt = torch.optim.Adam([z], lr=lr)
+        start = torch.zeros(self.dim, dtype=torch.float64) if init is None else self._check_z(init)
+        # Adam runs on whitened coordinates w, z = T w with (M U T)^T (M U T) = I on the kept
+        # directions: restricted to a method's support, U's columns can be far from orthonormal
+        # (a joint basis spreads over every method's entries), and Adam's per-coordinate steps
+        # in z then zig-zag or stall. Directions M U cannot express (zero Gram eigenvalues)
+        # change nothing in the model and are left out.
+        gram = self._gram(bits)
+        eigvals, eigvecs = torch.linalg.eigh(gram)
+        keep = eigvals > 1e-10 * max(float(eigvals.max()), 0.0)
+        if not bool(keep.any()):
+            raise InvalidArgumentError(
+                "the subspace has no direction on the entries of this mask (M U = 0); "
+                "pick a mask that overlaps the subspace's coordinates"
+            )
+        to_z = eigvecs[:, keep] / eigvals[keep].sqrt()  # T: w -> z (d, r)
+        from_z = eigvecs[:, keep].T * eigvals[keep].sqrt()[:, None]  # z -> w (r, d)
+        w = (from_z @ start.double()).to(dtype).clone().requires_grad_(True)
+        to_z = to_z.to(dtype)
+        outside = start.double() - to_z.double() @ (from_z @ start.double())  # kept as given
+        opt = torch.optim.Adam([w], lr=lr)
         losses: list[float] = []
         stream = _cycle(data)
         for _ in tqdm(range(steps), desc="subspace training", disable=not progress, leave=False):
             opt.zero_grad(set_to_none=True)
+            z = to_z @ w + outside.to(dtype)
             params = {**base, **self._theta(z, base, bits)}
             loss = self._loss(model, loss_fn, params, next(stream))
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        return SubspaceTrainResult(z.detach().double(), losses)
+        z = to_z.double() @ w.detach().double() + outside
+        return SubspaceTrainResult(z, losses)
+
+    def _gram(self, bits: dict[str, Tensor] | None) -> Tensor:
+        """(M U)^T (M U), (d, d) float64, over the coordinates ``bits`` keeps (None: all)."""
+        gram = torch.zeros(self.dim, self.dim, dtype=torch.float64)
+        for name, rows in self._basis.items():
+            if bits is not None:
+                if name not in bits:
+                    continue
+                rows = rows[bits[name].to(torch.bool)]
+            rows = rows.double()
+            gram += rows.T @ rows
+        return gram
 
     def landscape(
         self,

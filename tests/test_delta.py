@@ -70,6 +70,17 @@ def test_scale_interpolates_in_float64():
         assert torch.equal(p, expected.float()), n
 
 
+def test_norm_is_the_float64_norm_of_theta_minus_theta0():
+    base = _base()
+    mask = st.select(base, "random", 0.3, seed=2)
+    tuned = _finetune(copy.deepcopy(base), mask)
+    delta = SparseDelta.extract(tuned, _state(base), mask)
+    expected = torch.cat([(t.double() - b.double()).reshape(-1)
+                          for t, b in zip(tuned.parameters(), base.parameters())]).norm()
+    assert delta.norm() == pytest.approx(float(expected), rel=1e-12)
+    assert delta.norm() > 0
+
+
 def test_file_round_trip_and_size(tmp_path):
     big = torch.nn.Linear(1000, 100)
     mask = st.select(big, "random", 0.005, seed=3)

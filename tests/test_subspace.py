@@ -216,6 +216,36 @@ def test_training_in_the_subspace_finds_the_best_point_of_a_brute_force_grid():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_training_on_a_mask_where_the_basis_is_nearly_degenerate_reaches_the_exact_optimum():
+    """On the mask, U's two columns are nearly parallel (condition number ~ 400): whitened
+    coordinates still reach the exact minimiser, computed from the float64 Hessian."""
+    model, _, data = _regression_problem()
+    m = _flat_size(model)  # weight (2, 4) then bias (2): entries 0, 1 are weight[0, 0:2]
+    e = torch.eye(m, dtype=torch.float64)
+    space = subspace.fit([_delta(model, e[0] + e[2]), _delta(model, e[0] - e[2] + 5e-3 * e[1])],
+                         2, dtype=torch.float64)
+    support = torch.zeros(m, dtype=torch.bool)
+    support[:2] = True
+    mask = st.Mask({"weight": support[:8].view(2, 4), "bias": support[8:]})
+    x, y = data[0]
+    w0, b0 = model.weight.detach(), model.bias.detach()
+
+    def loss_at(a):  # the loss with weight[0, 0:2] moved by a
+        w = w0.clone()
+        w[0, :2] = w[0, :2] + a
+        return ((x @ w.T + b0 - y) ** 2).mean()
+
+    zero = torch.zeros(2, dtype=torch.float64)
+    hess = torch.func.hessian(loss_at)(zero)
+    grad = torch.func.grad(loss_at)(zero)
+    best = -torch.linalg.solve(hess, grad)
+    result = space.train(model, _mse, data, steps=400, lr=0.05, mask=mask)
+    moved = space.reconstruct(result.z, mask)["weight"][0, :2]
+    assert torch.allclose(moved, best, atol=1e-4), (moved, best)
+    assert space.reconstruct(result.z, mask)["weight"].reshape(-1)[2:].abs().max() == 0
+    assert float(loss_at(moved)) == pytest.approx(float(loss_at(best)), rel=1e-6, abs=1e-9)
+
+
 def test_landscape_values_are_the_loss_at_each_grid_point(tmp_path):
     model, space, data = _regression_problem(seed=1)
     land = space.landscape(model, _mse, data, grid=3, axes=(1, 0), path=tmp_path / "l.png")
