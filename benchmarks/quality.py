@@ -39,9 +39,11 @@ with constants estimated by ``sparsetune.bounds`` when that module is present; t
 
 Resumable: each run (task, method, density, seed, lr) writes its own JSON under
 ``<output-dir>/runs/``; a run whose file exists is skipped, so the script can be stopped and
-re-invoked to fill the table over several sittings. After every run the summary
-``quality.json`` and ``table.md`` are rewritten atomically. Methods whose code is not in the
-package yet are listed as not available and run when the script is invoked again later.
+re-invoked to fill the table over several sittings. Several workers may share one output
+folder (one per core): each run is claimed with a ``<key>.claim`` file first, so no run is
+trained twice, and a worker whose next step needs another worker's run waits for it. After
+every run the summary ``quality.json`` and ``table.md`` are rewritten atomically. Methods whose
+code is not in the package yet are listed as not available and run when invoked again later.
 
 Usage::
 
@@ -62,6 +64,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import shlex
 import statistics
 import sys
@@ -115,6 +118,8 @@ METHOD_ORDER: tuple[str, ...] = tuple(DEFAULT_LRS)
 LR_SCALES = (1 / 3, 1.0, 3.0)
 #: How many times the lr grid may grow past an edge that wins (see :func:`pick_lr`).
 LR_EXTENSIONS = 2
+#: How often a worker looks again at runs other workers hold (seconds).
+CLAIM_POLL_SECONDS = 30.0
 
 
 # =============================================================================================
@@ -413,6 +418,16 @@ def _first(split: data.Split, n: int) -> data.Split:
     return data.Split(split.texts[:n], split.labels[:n])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Runner:
     def __init__(self, protocol: Protocol, output_dir: Path, progress: bool = False,
                  bound_examples: int = 0) -> None:
@@ -424,6 +439,7 @@ class Runner:
         self._masks: dict[tuple, tuple[Mask, float]] = {}
         self.failures: dict[str, str] = {}
         self.new_runs = 0
+        self.claimed_elsewhere: set[str] = set()  # runs another worker was training when asked
 
     def task(self, name: str) -> data.TaskData:
         if name not in self._tasks:
@@ -440,6 +456,35 @@ class Runner:
 
     def path(self, spec: RunSpec) -> Path:
         return self.runs_dir / f"{spec.key}.json"
+
+    def claim_path(self, spec: RunSpec) -> Path:
+        return self.runs_dir / f"{spec.key}.claim"
+
+    def claim(self, spec: RunSpec) -> bool:
+        """Take the run for this process; False while a live process holds it.
+
+        Several workers (one per core) can share one output folder: a run is claimed by
+        creating ``<key>.claim`` (holding the owner's pid) exclusively; a claim whose process
+        has died is stale and taken over.
+        """
+        path = self.claim_path(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    owner = int(path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner == os.getpid() or (owner and _alive(owner)):
+                    return False
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return True
+        return False
 
     def load(self, spec: RunSpec) -> dict[str, Any] | None:
         """The finished run's record, or None; a record of another protocol is an error."""
@@ -463,14 +508,21 @@ class Runner:
         done = self.load(spec)
         if done is not None:
             return done
-        try:
-            record = self._run(spec)
-        except Exception as exc:  # one broken method must not stop a night's run
-            self.failures[spec.key] = f"{type(exc).__name__}: {exc}"
-            print(f"  FAILED {spec.key}: {self.failures[spec.key]}", flush=True)
-            traceback.print_exc()
+        if not self.claim(spec):  # another worker is training it right now
+            self.claimed_elsewhere.add(spec.key)
             return None
-        write_json(self.path(spec), record)
+        try:
+            try:
+                record = self._run(spec)
+            except Exception as exc:  # one broken method must not stop a night's run
+                self.failures[spec.key] = f"{type(exc).__name__}: {exc}"
+                print(f"  FAILED {spec.key}: {self.failures[spec.key]}", flush=True)
+                traceback.print_exc()
+                return None
+            write_json(self.path(spec), record)
+        finally:
+            self.claim_path(spec).unlink(missing_ok=True)
+        self.claimed_elsewhere.discard(spec.key)
         self.new_runs += 1
         print(f"  {spec.key}: validation {record['validation']['score']:.4f} test "
               f"{record['test']['score']:.4f} ({record['seconds']['total']:.0f} s)", flush=True)
@@ -632,12 +684,10 @@ def pick_lr(grid: Sequence[float], score_of: Callable[[float], float | None],
     not run yet; then the choice is None too).
     """
     grid = list(grid)
-    scores: dict[float, float] = {}
-    for lr in grid:
-        score = score_of(lr)
-        if score is None:
-            return None
-        scores[lr] = score
+    asked = {lr: score_of(lr) for lr in grid}  # every point, so that all can run in one pass
+    if any(score is None for score in asked.values()):
+        return None
+    scores: dict[float, float] = {lr: score for lr, score in asked.items() if score is not None}
     added = 0
     while True:
         best = max(grid, key=lambda lr: (scores[lr], -lr))
@@ -1078,6 +1128,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         started = time.perf_counter()
         execute(plan, runner, on_progress)
+        while runner.claimed_elsewhere:  # runs other workers held: what depends on them waits
+            before = runner.new_runs
+            print(f"  waiting for {len(runner.claimed_elsewhere)} run(s) of other workers",
+                  flush=True)
+            runner.claimed_elsewhere.clear()
+            execute(plan, runner, on_progress)
+            if runner.new_runs == before and runner.claimed_elsewhere:
+                time.sleep(CLAIM_POLL_SECONDS)
         print(f"{runner.new_runs} new runs in {time.perf_counter() - started:.0f} s, "
               f"{len(runner.failures)} failed")
     summary = write_summary(runner, table_plan, command, "complete" if not runner.failures

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -161,3 +164,52 @@ def test_pick_lr_does_not_extend_a_flat_edge_and_waits_for_missing_runs():
     scores = {1e-4: 0.5, 3e-4: 0.6, 9e-4: 0.7}  # the extension 2.7e-3 has not run yet
     assert quality.pick_lr(list(scores), scores.get, extensions=1) is None
     assert quality.pick_lr(list(scores), scores.get, extensions=0)["chosen"] == 9e-4
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_run_claimed_by_a_live_worker_is_left_to_it_and_a_stale_claim_is_taken_over(
+        tmp_path, monkeypatch):
+    runner = quality.Runner(quality.QUICK, tmp_path)
+    spec = quality.RunSpec("rotten_tomatoes", "random", 0.05, 0, 1e-3)
+    trained = []
+    record = {"validation": {"score": 0.5}, "test": {"score": 0.5}, "seconds": {"total": 1.0}}
+    monkeypatch.setattr(runner, "_run", lambda s: trained.append(s.key) or record)
+    monkeypatch.setattr(quality, "write_json", lambda path, record: path.write_text("{}"))
+    runner.runs_dir.mkdir(parents=True)
+    claim = runner.claim_path(spec)
+    claim.write_text(str(os.getppid()))  # a live process that is not this one
+    assert runner.run(spec) is None and trained == []
+    assert runner.claimed_elsewhere == {spec.key} and claim.exists()
+    claim.write_text(str(_dead_pid()))  # its worker died mid-run
+    assert runner.run(spec) is record and trained == [spec.key]
+    assert not claim.exists() and runner.claimed_elsewhere == set()
+    assert runner.path(spec).exists()
+
+
+def test_a_failed_run_releases_its_claim(tmp_path, monkeypatch):
+    runner = quality.Runner(quality.QUICK, tmp_path)
+    spec = quality.RunSpec("rotten_tomatoes", "random", 0.05, 0, 1e-3)
+
+    def broken(s):
+        assert runner.claim_path(s).read_text() == str(os.getpid())  # held while training
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "_run", broken)
+    assert runner.run(spec) is None and "boom" in runner.failures[spec.key]
+    assert not runner.claim_path(spec).exists() and not runner.path(spec).exists()
+
+
+def test_pick_lr_asks_for_every_grid_point_even_when_one_is_missing():
+    asked = []
+
+    def score_of(lr):
+        asked.append(lr)
+        return None if lr == 1e-4 else 0.7
+
+    assert quality.pick_lr([1e-4, 3e-4, 9e-4], score_of, extensions=2) is None
+    assert asked == [1e-4, 3e-4, 9e-4]  # the other points still train in this pass
