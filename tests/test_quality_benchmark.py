@@ -13,7 +13,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from benchmarks import quality
-from sparsetune import data
+from sparsetune import budget_size, data
 from sparsetune.errors import StateMismatchError
 
 
@@ -213,3 +213,17 @@ def test_pick_lr_asks_for_every_grid_point_even_when_one_is_missing():
 
     assert quality.pick_lr([1e-4, 3e-4, 9e-4], score_of, extensions=2) is None
     assert asked == [1e-4, 3e-4, 9e-4]  # the other points still train in this pass
+
+
+def test_sam_per_tensor_keeps_p_of_every_tensor_and_does_not_share_sams_cached_mask(tmp_path):
+    runner = quality.Runner(quality.QUICK, tmp_path)
+    masks = {}
+    for method in ("sam", "sam_per_tensor"):
+        spec = quality.RunSpec("rotten_tomatoes", method, 0.05, 0, 1e-3)
+        masks[method] = quality.RECIPES[method].build(runner._context(spec), 1e-3).mask
+    per_tensor, global_ = masks["sam_per_tensor"], masks["sam"]
+    for name, row in per_tensor.per_parameter().items():
+        if not row.always_train:
+            assert row.selected == int(row.total * 0.05), name
+    assert global_.digest() != per_tensor.digest()
+    assert global_.num_selected == budget_size(global_.num_total, 0.05)
