@@ -69,6 +69,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -772,9 +773,15 @@ def execute(plan: Plan, runner: Runner, on_progress: Callable[[], None]) -> dict
         on_progress()
     tasks = [plan.lr_task, *[t for t in plan.tasks if t != plan.lr_task]]
     for i, task in enumerate(tasks):
+        for method in ready:  # a choice that waited on other workers' runs may be ready now
+            if method not in chosen:
+                choice = choose_lr(runner, plan.lr_task, method, density_for(method, density),
+                                   plan.lr_seed, plan.lr_scales, extensions=plan.lr_extensions)
+                if choice is not None:
+                    chosen[method] = choice
         if task in plan.tasks:
             for seed in plan.seeds:
-                for method in chosen:
+                for method in [m for m in ready if m in chosen]:
                     lr = chosen[method]["chosen"]
                     runner.run(RunSpec(task, method, density_for(method, density), seed, lr))
                     on_progress()
@@ -1159,4 +1166,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # kill (SIGTERM) unwinds like Ctrl-C, so the run in progress gives its claim back
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     main()

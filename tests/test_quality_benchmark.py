@@ -227,3 +227,27 @@ def test_sam_per_tensor_keeps_p_of_every_tensor_and_does_not_share_sams_cached_m
             assert row.selected == int(row.total * 0.05), name
     assert global_.digest() != per_tensor.digest()
     assert global_.num_selected == budget_size(global_.num_total, 0.05)
+
+
+def test_a_choice_that_waited_on_another_workers_run_is_taken_up_before_the_seeds():
+    class Shared:  # another worker holds one lr run during the first pass of selection
+        protocol = quality.Protocol()
+
+        def __init__(self):
+            self.asked, self.held = [], {
+                quality.RunSpec("rotten_tomatoes", "random", 0.005, 0, 0.01).key}
+
+        def run(self, spec):
+            self.asked.append(spec)
+            if spec.key in self.held:
+                self.held.discard(spec.key)  # ... and has finished it by the next ask
+                return None
+            return {"validation": {"score": 0.7 + spec.lr}}
+
+    shared = Shared()
+    plan = quality.Plan(tasks=["rotten_tomatoes", "trec"], methods=["random"], seeds=[0, 1],
+                        lr_extensions=0, sweep=False)
+    chosen = quality.execute(plan, shared, lambda: None)
+    assert chosen["random"]["chosen"] == 0.03
+    trained = {(s.task, s.seed, s.lr) for s in shared.asked}
+    assert {("rotten_tomatoes", 1, 0.03), ("trec", 0, 0.03), ("trec", 1, 0.03)} <= trained
