@@ -13,7 +13,8 @@ Protocol (the defaults; ``--quick`` shrinks every number for a smoke run):
 * **Sparsity.** Every sparse method trains p = 0.5% of the model's entries (global top-k) plus
   the task head (``classifier.*``, always trained, outside the budget). One more row,
   ``sam_per_tensor``, is SAM with p of every tensor (the authors' code) instead of global
-  top-k: global SAM spends 62% of its budget on the pooler (``benchmarks/mask_anatomy.py``).
+  top-k: global SAM spends 62% of its budget on the pooler (``benchmarks/mask_anatomy.py``);
+  and ``sam_fisher``, SAM's g^2 / h with h the empirical Fisher diagonal (Adam's v).
   Per-step random methods (Child-Tuning-F, Mixout) keep a fraction p of the entries per step;
   LoRA's rank is the one whose added entries come nearest p m; BitFit trains what its rule
   gives (all biases, 0.12%).
@@ -118,6 +119,7 @@ DEFAULT_LRS: dict[str, float] = {
     "sam": 1e-3,
     "sam_curvature": 1e-3,
     "sam_per_tensor": 1e-3,
+    "sam_fisher": 1e-3,
 }
 METHOD_ORDER: tuple[str, ...] = tuple(DEFAULT_LRS)
 LR_SCALES = (1 / 3, 1.0, 3.0)
@@ -292,6 +294,13 @@ def _curvature_options(ctx: RunContext) -> dict[str, Any]:
     return {"curvature_method": "ggn", "curvature_data": list(itertools.islice(fresh, count))}
 
 
+def _fisher_options(ctx: RunContext) -> dict[str, Any]:
+    """sam_fisher: h = the empirical Fisher diagonal (mean squared per-example gradient) on the
+    same batches as sam_curvature's GGN. g^2 / h then ranks entries by how consistently their
+    gradient points one way, which is what sets the size of an Adam step (m / sqrt(v))."""
+    return _curvature_options(ctx) | {"curvature_method": "empirical_fisher"}
+
+
 def _registry_missing(method: str, needs: str | None = None) -> Callable[[], str | None]:
     def missing() -> str | None:
         if needs is not None and importlib.util.find_spec(needs) is None:
@@ -326,6 +335,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe("sam_per_tensor", "sam", True,
                _mask_recipe("sam", "num_batches", options_for=lambda ctx: {"scope": "per_tensor"},
                             name="sam_per_tensor")),
+        Recipe("sam_fisher", "sam", True,
+               _mask_recipe("sam_curvature", "num_batches", True, _fisher_options,
+                            name="sam_fisher"),
+               _registry_missing("sam_curvature")),
     )
 }
 assert tuple(RECIPES) == METHOD_ORDER
