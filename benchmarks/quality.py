@@ -534,6 +534,8 @@ class Runner:
         done = self.load(spec)
         if done is not None:
             return done
+        if spec.key in self.failures:  # failed once in this process: not tried again
+            return None
         if not self.claim(spec):  # another worker is training it right now
             self.claimed_elsewhere.add(spec.key)
             return None
@@ -778,20 +780,19 @@ def execute(plan: Plan, runner: Runner, on_progress: Callable[[], None]) -> dict
     density = runner.protocol.density
     ready, _ = available(plan.methods)
     chosen: dict[str, dict[str, Any]] = {}
-    for method in ready:
-        choice = choose_lr(runner, plan.lr_task, method, density_for(method, density),
-                           plan.lr_seed, plan.lr_scales, extensions=plan.lr_extensions)
-        if choice is not None:
-            chosen[method] = choice
-        on_progress()
+
+    def choose_missing() -> None:
+        for method in [m for m in ready if m not in chosen]:
+            choice = choose_lr(runner, plan.lr_task, method, density_for(method, density),
+                               plan.lr_seed, plan.lr_scales, extensions=plan.lr_extensions)
+            if choice is not None:
+                chosen[method] = choice
+            on_progress()
+
+    choose_missing()  # lr selection first, for every method
     tasks = [plan.lr_task, *[t for t in plan.tasks if t != plan.lr_task]]
     for i, task in enumerate(tasks):
-        for method in ready:  # a choice that waited on other workers' runs may be ready now
-            if method not in chosen:
-                choice = choose_lr(runner, plan.lr_task, method, density_for(method, density),
-                                   plan.lr_seed, plan.lr_scales, extensions=plan.lr_extensions)
-                if choice is not None:
-                    chosen[method] = choice
+        choose_missing()  # a choice that waited on another worker's runs may be ready now
         if task in plan.tasks:
             for seed in plan.seeds:
                 for method in [m for m in ready if m in chosen]:

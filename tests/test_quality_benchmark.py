@@ -251,3 +251,17 @@ def test_a_choice_that_waited_on_another_workers_run_is_taken_up_before_the_seed
     assert chosen["random"]["chosen"] == 0.03
     trained = {(s.task, s.seed, s.lr) for s in shared.asked}
     assert {("rotten_tomatoes", 1, 0.03), ("trec", 0, 0.03), ("trec", 1, 0.03)} <= trained
+
+
+def test_a_run_that_failed_is_not_tried_again_by_the_same_worker(tmp_path, monkeypatch):
+    runner = quality.Runner(quality.QUICK, tmp_path)
+    spec = quality.RunSpec("rotten_tomatoes", "random", 0.05, 0, 1e-3)
+    calls = []
+
+    def broken(s):
+        calls.append(s.key)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(runner, "_run", broken)
+    assert runner.run(spec) is None and runner.run(spec) is None
+    assert calls == [spec.key] and spec.key in runner.failures
