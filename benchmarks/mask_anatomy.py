@@ -14,7 +14,7 @@ reports, per method:
 
 Writes ``results/mask_anatomy.json`` and prints the tables::
 
-    .venv/bin/python -m benchmarks.mask_anatomy           # about 5 min on one thread
+    .venv/bin/python -m benchmarks.mask_anatomy           # ~12 min on a shared core
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +90,24 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / union if union else 0.0
 
 
+def _shares(counts: dict[str, int], group: Callable[[str], str],
+            keys: Sequence[str] = ()) -> dict[str, float]:
+    """Each group's share of the total count (``group``: parameter name -> its group; ``keys``
+    listed even when empty)."""
+    out: dict[str, int] = {k: 0 for k in keys}
+    for n, c in counts.items():
+        out[group(n)] = out.get(group(n), 0) + c
+    total = max(1, sum(out.values()))
+    return {k: v / total for k, v in out.items()}
+
+
 def anatomy(mask: Mask, budgeted: Sequence[str]) -> dict[str, Any]:
     rows = mask.per_parameter()
-    selected = sum(rows[n].selected for n in budgeted)
-    by_kind = {k: 0 for k in KINDS}
-    by_layer: dict[str, int] = {}
-    for n in budgeted:
-        by_kind[kind_of(n)] += rows[n].selected
-        by_layer[layer_of(n)] = by_layer.get(layer_of(n), 0) + rows[n].selected
+    counts = {n: rows[n].selected for n in budgeted}
     return {
-        "selected": selected,
-        "share_by_kind": {k: v / selected for k, v in by_kind.items()},
-        "share_by_layer": {k: v / selected for k, v in by_layer.items()},
+        "selected": sum(counts.values()),
+        "share_by_kind": _shares(counts, kind_of, KINDS),
+        "share_by_layer": _shares(counts, layer_of),
     }
 
 
@@ -146,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         oracle = hindsight_mask(SparseDelta.load(args.full_delta).to_dense(), sizes, k)
         result["hindsight"] = {
             "delta": str(args.full_delta), "entries": k,
-            "share_by_kind": _share_by_kind(oracle, first, budgeted),
+            "share_by_kind": _shares({n: int(part.sum()) for n, part in zip(
+                budgeted, torch.split(oracle, list(sizes.values())))}, kind_of, KINDS),
         }
         for m, bits in flat.items():
             result["methods"][m]["jaccard_with_hindsight"] = jaccard(bits, oracle)
@@ -159,14 +166,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(args.output, result)
     print(format_tables(result))
     return result
-
-
-def _share_by_kind(bits: torch.Tensor, like: Mask, budgeted: Sequence[str]) -> dict[str, float]:
-    counts = {k: 0 for k in KINDS}
-    for n, part in zip(budgeted, torch.split(bits, [like[n].numel() for n in budgeted])):
-        counts[kind_of(n)] += int(part.sum())
-    total = max(1, sum(counts.values()))
-    return {k: v / total for k, v in counts.items()}
 
 
 def format_tables(result: dict[str, Any]) -> str:
