@@ -991,16 +991,20 @@ def format_sweep(summary: dict[str, Any]) -> str:
 
 
 def plot_sweep(summary: dict[str, Any], path: Path) -> Path | None:
-    """Measured generalisation gap and test score against p, the E3 bound beside; a PNG."""
+    """Measured generalisation gap and test score against p, the E3 bound beside; a PNG.
+
+    A third panel draws E3's denominator Lambda_min + 2 (1 - p) (lam = 1): where it is <= 0
+    there is no bound, and the point is shown there rather than left out of the bound's curve.
+    """
     rows = summary["sweep"]["rows"]
     if not rows or importlib.util.find_spec("matplotlib") is None:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    fig = Figure(figsize=(16, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    gap_ax, score_ax = fig.subplots(1, 2)
+    gap_ax, score_ax, curv_ax = fig.subplots(1, 3)
     twin = None
     for method, color in zip(summary["plan"]["sweep_methods"], ("tab:red", "tab:blue")):
         mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["density"])
@@ -1016,6 +1020,11 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> Path | None:
             twin = twin or gap_ax.twinx()
             twin.plot([100 * r["density"] for r in with_bound], [r["bound"] for r in with_bound],
                       color=color, linestyle="--", marker="x", label=f"{method}: E3 bound")
+        measured = [r for r in mine if r["constants"] is not None]
+        if measured:
+            curv_ax.plot([100 * r["density"] for r in measured],
+                         [r["constants"]["lambda_min"] + 2.0 * (1.0 - r["density"])
+                          for r in measured], color=color, marker="o", label=method)
     if twin is not None:
         twin.set(yscale="log", ylabel="E3 stability bound, lam = 1 (dashed)")
         twin.legend(loc="upper right")
@@ -1024,8 +1033,13 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> Path | None:
                title=f"generalisation gap (n = {n} training examples)")
     score_ax.set(xscale="log", xlabel="density p (%)", ylabel="test accuracy (%)",
                  title="rotten_tomatoes test accuracy")
+    curv_ax.axhline(0.0, color="black", linewidth=0.8)
+    curv_ax.set(xscale="log", xlabel="density p (%)", ylabel="Lambda_min(H_MM) + 2 (1 - p)",
+                title="E3 denominator (<= 0: no bound)")
     gap_ax.legend(loc="upper left")
     score_ax.legend()
+    if curv_ax.lines[1:]:
+        curv_ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)

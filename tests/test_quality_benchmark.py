@@ -265,3 +265,27 @@ def test_a_run_that_failed_is_not_tried_again_by_the_same_worker(tmp_path, monke
     monkeypatch.setattr(runner, "_run", broken)
     assert runner.run(spec) is None and runner.run(spec) is None
     assert calls == [spec.key] and spec.key in runner.failures
+
+
+def test_the_sweep_plot_draws_points_without_a_bound(tmp_path):
+    """A density whose E3 denominator is <= 0 has no bound; the plot still draws its constants."""
+    pytest.importorskip("matplotlib")
+
+    def cell(mean):
+        return {"mean": mean, "std": 0.01, "n": 3, "values": [mean] * 3}
+
+    rows = []
+    for method in ("sam", "random"):
+        for p, lambda_min in ((0.001, -1.7), (0.2, -27.8)):
+            denominator = lambda_min + 2 * (1 - p)
+            rows.append({
+                "method": method, "density": p, "lr": 1e-3, "lr_at_grid_edge": False,
+                "constants": {"rho": 2.4, "lambda_min": lambda_min},
+                "bound": 2 * 2.4**2 / (denominator * 1600) if denominator > 0 else None,
+                "loss_gap": cell(0.1), "test_score": cell(0.75),
+            })
+    summary = {"plan": {"sweep_methods": ["sam", "random"]},
+               "sweep": {"rows": rows, "n_train": 1600}}
+    path = quality.plot_sweep(summary, tmp_path / "sweep.png")
+    assert path == tmp_path / "sweep.png" and path.stat().st_size > 0
+    assert not list(tmp_path.glob(".*.tmp.png"))  # written through a temp file, then renamed
