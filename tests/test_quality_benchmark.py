@@ -268,7 +268,7 @@ def test_a_run_that_failed_is_not_tried_again_by_the_same_worker(tmp_path, monke
 
 
 def test_the_sweep_plot_draws_points_without_a_bound(tmp_path):
-    """A density whose E3 denominator is <= 0 has no bound; the plot still draws its constants."""
+    """Densities with no E3 bound (denominator <= 0) beside ones with a bound: a PNG is written."""
     pytest.importorskip("matplotlib")
 
     def cell(mean):
