@@ -87,7 +87,7 @@ from tqdm.auto import tqdm
 import sparsetune
 from benchmarks._common import environment, write_json
 from sparsetune import Mask, SparseAdamW, data, optimizer_state_nbytes, select
-from sparsetune.bounds import estimate_constants, stability_bound
+from sparsetune.bounds import effective_curvature, estimate_constants, stability_bound
 from sparsetune.demo import _cycle, _warmup_then_decay
 from sparsetune.errors import InvalidArgumentError, StateMismatchError
 
@@ -1023,7 +1023,7 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> Path | None:
         measured = [r for r in mine if r["constants"] is not None]
         if measured:
             curv_ax.plot([100 * r["density"] for r in measured],
-                         [r["constants"]["lambda_min"] + 2.0 * (1.0 - r["density"])
+                         [effective_curvature(r["constants"]["lambda_min"], r["density"])
                           for r in measured], color=color, marker="o", label=method)
     if twin is not None:
         twin.set(yscale="log", ylabel="E3 stability bound, lam = 1 (dashed)")
@@ -1038,7 +1038,7 @@ def plot_sweep(summary: dict[str, Any], path: Path) -> Path | None:
                 title="E3 denominator (<= 0: no bound)")
     gap_ax.legend(loc="upper left")
     score_ax.legend()
-    if curv_ax.lines[1:]:
+    if len(curv_ax.lines) > 1:  # a method's line beside the zero line
         curv_ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
