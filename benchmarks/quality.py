@@ -14,7 +14,9 @@ Protocol (the defaults; ``--quick`` shrinks every number for a smoke run):
   the task head (``classifier.*``, always trained, outside the budget). One more row,
   ``sam_per_tensor``, is SAM with p of every tensor (the authors' code) instead of global
   top-k: global SAM spends 62% of its budget on the pooler (``benchmarks/mask_anatomy.py``);
-  and ``sam_fisher``, SAM's g^2 / h with h the empirical Fisher diagonal (Adam's v).
+  ``sam_fisher``, SAM's g^2 / h with h the empirical Fisher diagonal (Adam's v); and
+  ``sam_probe``, SAM's g^2 taken after the head alone is trained on the selection batches
+  (training itself starts from the same theta0 and head as every method).
   Per-step random methods (Child-Tuning-F, Mixout) keep a fraction p of the entries per step;
   LoRA's rank is the one whose added entries come nearest p m; BitFit trains what its rule
   gives (all biases, 0.12%).
@@ -120,6 +122,7 @@ DEFAULT_LRS: dict[str, float] = {
     "sam_curvature": 1e-3,
     "sam_per_tensor": 1e-3,
     "sam_fisher": 1e-3,
+    "sam_probe": 1e-3,
 }
 METHOD_ORDER: tuple[str, ...] = tuple(DEFAULT_LRS)
 LR_SCALES = (1 / 3, 1.0, 3.0)
@@ -301,6 +304,37 @@ def _fisher_options(ctx: RunContext) -> dict[str, Any]:
     return _curvature_options(ctx) | {"curvature_method": "empirical_fisher"}
 
 
+#: sam_probe's head warm-up: AdamW on the task head alone, one step per selection batch.
+PROBE_LR = 1e-2
+
+
+def _sam_probe(ctx: RunContext, lr: float) -> Setup:
+    """SAM's g^2 scored after a linear probe: the head is first trained alone (body frozen) on
+    the selection batches, so g is the gradient of a loss whose head means something rather than
+    of a randomly initialised one. Training then starts from the same theta0 and head
+    initialisation as every other method; only the mask differs from ``sam``'s."""
+
+    def choose() -> Mask:
+        probe = copy.deepcopy(ctx.model)
+        head = [p for n, p in probe.named_parameters() if n in ctx.head]
+        opt = torch.optim.AdamW(head, lr=PROBE_LR, weight_decay=0.0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            probe.train()
+            for batch in itertools.islice(copy.copy(ctx.select_data), ctx.select_batches):
+                opt.zero_grad(set_to_none=True)
+                probe(**batch).loss.backward()
+                opt.step()
+        probe.zero_grad(set_to_none=True)
+        return select(probe, "sam", ctx.density, data=copy.copy(ctx.select_data),
+                      num_batches=ctx.select_batches, seed=ctx.seed, always_train=ctx.head,
+                      progress=ctx.progress)
+
+    mask, seconds = ctx.cached_mask("sam_probe", choose)
+    return _sparse_adamw(ctx, mask, lr, select_seconds=seconds, mask_density=mask.density,
+                         probe_lr=PROBE_LR)
+
+
 def _registry_missing(method: str, needs: str | None = None) -> Callable[[], str | None]:
     def missing() -> str | None:
         if needs is not None and importlib.util.find_spec(needs) is None:
@@ -339,6 +373,7 @@ RECIPES: dict[str, Recipe] = {
                _mask_recipe("sam_curvature", "num_batches", True, _fisher_options,
                             name="sam_fisher"),
                _registry_missing("sam_curvature")),
+        Recipe("sam_probe", "sam", True, _sam_probe),
     )
 }
 assert tuple(RECIPES) == METHOD_ORDER

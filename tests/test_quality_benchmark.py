@@ -289,3 +289,18 @@ def test_the_sweep_plot_draws_points_without_a_bound(tmp_path):
     path = quality.plot_sweep(summary, tmp_path / "sweep.png")
     assert path == tmp_path / "sweep.png" and path.stat().st_size > 0
     assert not list(tmp_path.glob(".*.tmp.png"))  # written through a temp file, then renamed
+
+
+def test_sam_probe_scores_after_a_head_only_warm_up_and_trains_from_the_same_start(tmp_path):
+    runner = quality.Runner(quality.QUICK, tmp_path)
+    spec = quality.RunSpec("rotten_tomatoes", "sam_probe", 0.05, 0, 1e-3)
+    ctx = runner._context(spec)
+    start = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    setup = quality.RECIPES["sam_probe"].build(ctx, 1e-3)
+    # The probe trains a copy: the model handed to training is untouched.
+    for n, p in setup.model.named_parameters():
+        assert torch.equal(p, start[n]), n
+    sam = quality.RECIPES["sam"].build(runner._context(dataclasses.replace(spec, method="sam")),
+                                       1e-3).mask
+    assert setup.mask.num_selected == sam.num_selected
+    assert setup.mask.digest() != sam.digest()  # the trained head changes g
