@@ -37,7 +37,7 @@ from sparsetune import Mask, SparseDelta, budget_size
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_FULL_DELTA = RESULTS / "subspace_runs" / "rotten_tomatoes" / "full-seed0.safetensors"
 FIXED_MASK_METHODS = ("random", "bitfit", "magnitude", "diff_pruning", "child_pruning",
-                      "lt_sft", "sam", "sam_curvature", "sam_per_tensor", "sam_fisher")
+                      "lt_sft", "sam", "sam_curvature", "sam_per_tensor", "sam_fisher", "sam_probe")
 KINDS = ("embeddings", "attention qkv", "attention out", "ffn in", "ffn out", "layernorm",
          "bias", "pooler")
 
