@@ -309,26 +309,17 @@ PROBE_LR = 1e-2
 
 
 def _sam_probe(ctx: RunContext, lr: float) -> Setup:
-    """SAM's g^2 scored after a linear probe: the head is first trained alone (body frozen) on
-    the selection batches, so g is the gradient of a loss whose head means something rather than
-    of a randomly initialised one. Training then starts from the same theta0 and head
-    initialisation as every other method; only the mask differs from ``sam``'s."""
+    """SAM's g^2 scored after a linear probe (``select(..., head_warmup_steps=...)``): the head
+    is first trained alone (body frozen) on the selection batches, so g is the gradient of a
+    loss whose head means something rather than of a randomly initialised one. Training then
+    starts from the same theta0 and head initialisation as every other method; only the mask
+    differs from ``sam``'s. The warm-up and the scores read the same first batches (a list)."""
 
     def choose() -> Mask:
-        probe = copy.deepcopy(ctx.model)
-        head = [p for n, p in probe.named_parameters() if n in ctx.head]
-        opt = torch.optim.AdamW(head, lr=PROBE_LR, weight_decay=0.0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed)
-            probe.train()
-            for batch in itertools.islice(copy.copy(ctx.select_data), ctx.select_batches):
-                opt.zero_grad(set_to_none=True)
-                probe(**batch).loss.backward()
-                opt.step()
-        probe.zero_grad(set_to_none=True)
-        return select(probe, "sam", ctx.density, data=copy.copy(ctx.select_data),
-                      num_batches=ctx.select_batches, seed=ctx.seed, always_train=ctx.head,
-                      progress=ctx.progress)
+        first = list(itertools.islice(copy.copy(ctx.select_data), ctx.select_batches))
+        return select(ctx.model, "sam", ctx.density, data=first, seed=ctx.seed,
+                      always_train=ctx.head, head_warmup_steps=len(first),
+                      head_warmup_lr=PROBE_LR, progress=ctx.progress)
 
     mask, seconds = ctx.cached_mask("sam_probe", choose)
     return _sparse_adamw(ctx, mask, lr, select_seconds=seconds, mask_density=mask.density,

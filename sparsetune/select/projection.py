@@ -7,7 +7,7 @@ snapshot: the model's weights, gradients and modes are restored afterwards.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import torch
@@ -45,26 +45,43 @@ def finetuned_values(
     lr: float = 1e-4,
     seed: int = 0,
     progress: bool = False,
+    only: Collection[str] | None = None,
 ) -> dict[str, Tensor]:
-    """Parameter values after ``steps`` of full AdamW fine-tuning; the model is then restored.
+    """Parameter values after ``steps`` of AdamW fine-tuning; the model is then restored.
 
-    Cycles over ``data`` if it runs out (when it can be iterated again). Dropout draws come from
-    a private generator seeded by ``seed``; the caller's RNG state is untouched.
+    Every trainable parameter is trained, or only those named in ``only`` (e.g. the task head:
+    a linear probe; the others then stay fixed and only ``only``'s values are returned). Cycles
+    over ``data`` if it runs out (when it can be iterated again). Dropout draws come from a
+    private generator seeded by ``seed``; the caller's RNG state is untouched.
     """
     check_positive_int("steps", steps)
     if not lr > 0:
         raise InvalidArgumentError(f"lr must be > 0, got lr={lr!r}")
     named = trainable(model)
+    if only is not None:
+        missing = sorted(set(only) - {n for n, _ in named})
+        if missing or not only:
+            raise InvalidArgumentError(
+                f"only= must name trainable parameters of the model; unknown: {missing}"
+                if missing else "only= names no parameter: nothing to train"
+            )
+        named = [(n, p) for n, p in named if n in set(only)]
+    params = [p for _, p in named]
     with preserved(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
-        opt = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         done = 0
         while done < steps:
             before = done
-            for batch in batches(data, steps - done, "full fine-tuning burn-in", progress):
+            for batch in batches(data, steps - done, "fine-tuning burn-in", progress):
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model, batch).backward()
+                if only is None:
+                    loss_fn(model, batch).backward()
+                else:  # gradients of the trained parameters only (no pass through the rest)
+                    grads = torch.autograd.grad(loss_fn(model, batch), params)
+                    for p, g in zip(params, grads):
+                        p.grad = g
                 opt.step()
                 done += 1
             if done == before:

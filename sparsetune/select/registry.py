@@ -7,11 +7,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
-from ._data import LossFn, trainable, transformers_loss
+from ._data import LossFn, check_positive_int, preserved, trainable, transformers_loss
 from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
 from .sam import sam_curvature_scores, sam_scores
@@ -110,11 +111,44 @@ def _diff_pruning(model, density, scope, always_train, data, loss_fn, seed=0, st
 @_register("sam", "sam", True, True,
            "SAM, practical variant: largest squared sum of clipped batch gradients at theta0")
 def _sam(model, density, scope, always_train, data, loss_fn, num_batches=None, max_grad_norm=1.0,
-         progress=True, targets=None, **_):
-    scores = sam_scores(model, loss_fn, data, num_batches=num_batches,
-                        max_grad_norm=max_grad_norm, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train,
-                      targets=targets)
+         progress=True, targets=None, seed=0, head_warmup_steps=0, head_warmup_lr=1e-2, **_):
+    def scores():
+        return sam_scores(model, loss_fn, data, num_batches=num_batches,
+                          max_grad_norm=max_grad_norm, progress=progress)
+
+    return Mask.top_k(
+        _after_head_warmup(model, always_train, data, loss_fn, seed, head_warmup_steps,
+                           head_warmup_lr, progress, scores),
+        density, scope, always_train=always_train, targets=targets,
+    )
+
+
+def _after_head_warmup(model, always_train, data, loss_fn, seed, steps, lr, progress, score):
+    """``score()`` after ``steps`` AdamW steps on the always-trained parameters (the task head)
+    alone, body frozen; the model is restored afterwards. With a randomly initialised head, the
+    gradient at theta0 depends on that draw (benchmarks/README.md, quality: ``sam_probe``)."""
+    if steps is None or steps == 0:
+        return score()
+    check_positive_int("head_warmup_steps", steps)
+    if not always_train:
+        raise InvalidArgumentError(
+            "head_warmup_steps trains the always_train parameters (the task head) alone before "
+            "scoring, but always_train is empty: name the head, e.g. always_train="
+            "['classifier.weight', 'classifier.bias']"
+        )
+    if iter(data) is data:
+        raise InvalidArgumentError(
+            f"head_warmup_steps reads data twice (the head warm-up, then the scores), but data "
+            f"is a one-shot iterator ({type(data).__name__}): pass a list or a DataLoader"
+        )
+    with preserved(model):
+        head = finetuned_values(model, loss_fn, data, steps=steps, lr=lr, seed=seed,
+                                progress=progress, only=always_train)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in head:
+                    param.copy_(head[name])
+        return score()
 
 
 _PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")
@@ -129,10 +163,17 @@ def _sam_curvature(model, density, scope, always_train, data, loss_fn, seed=0, t
 
         loss_fn = OutputLoss.transformers()  # the same loss, with its per-example structure
     options.setdefault("progress", True)
-    scores = sam_curvature_scores(model, loss_fn, data, exclude=always_train, seed=seed,
-                                  **options)
-    return Mask.top_k(scores, density, scope, always_train=always_train,
-                      targets=targets)
+    warmup = (options.pop("head_warmup_steps", 0), options.pop("head_warmup_lr", 1e-2))
+
+    def scores():
+        return sam_curvature_scores(model, loss_fn, data, exclude=always_train, seed=seed,
+                                    **options)
+
+    return Mask.top_k(
+        _after_head_warmup(model, always_train, data, loss_fn, seed, *warmup,
+                           options.get("progress", True), scores),
+        density, scope, always_train=always_train, targets=targets,
+    )
 
 
 def _optimizer_side(name: str, description: str, optimizer: str) -> None:
@@ -204,9 +245,10 @@ _OPTIONS = {
     "child_pruning": {"num_batches", "max_grad_norm", "progress"},
     "lt_sft": {"steps", "lr", "progress"},
     "diff_pruning": {"steps", "lr", "l0_weight", "init_log_alpha", "progress"},
-    "sam": {"num_batches", "max_grad_norm", "progress"},
+    "sam": {"num_batches", "max_grad_norm", "progress", "head_warmup_steps", "head_warmup_lr"},
     "sam_curvature": {"num_batches", "max_grad_norm", "curvature_method", "num_samples",
-                      "curvature_data", "curvature", "floor", "floor_fraction", "progress"},
+                      "curvature_data", "curvature", "floor", "floor_fraction", "progress",
+                      "head_warmup_steps", "head_warmup_lr"},
     "child_tuning_f": set(),
     "mixout": set(),
 }
@@ -258,7 +300,11 @@ def select(
         options: method options (``num_batches``, ``max_grad_norm``, ``steps``, ``lr``,
             ``burn_in_steps``, ``include``, ``exclude``, ``progress``; for ``sam_curvature``
             also ``curvature_method``, ``num_samples``, ``curvature_data``, ``curvature``,
-            ``floor``, ``floor_fraction``: see :func:`sparsetune.select.sam_curvature_scores`).
+            ``floor``, ``floor_fraction``: see :func:`sparsetune.select.sam_curvature_scores`;
+            for ``sam`` and ``sam_curvature`` also ``head_warmup_steps`` (default 0) and
+            ``head_warmup_lr`` (default 1e-2): first train the ``always_train`` parameters
+            (the task head) alone for that many AdamW steps on ``data`` (a linear probe), then
+            score; the model is left as found).
     """
     info = method_info(method)
     if info.family == "optimizer":
