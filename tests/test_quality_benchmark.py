@@ -297,7 +297,7 @@ def test_sam_probe_scores_after_a_head_only_warm_up_and_trains_from_the_same_sta
     ctx = runner._context(spec)
     start = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     setup = quality.RECIPES["sam_probe"].build(ctx, 1e-3)
-    # The probe trains a copy: the model handed to training is untouched.
+    # The warm-up leaves the model as found: training starts from theta0 and the initial head.
     for n, p in setup.model.named_parameters():
         assert torch.equal(p, start[n]), n
     sam = quality.RECIPES["sam"].build(runner._context(dataclasses.replace(spec, method="sam")),

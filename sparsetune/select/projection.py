@@ -65,7 +65,8 @@ def finetuned_values(
                 f"only= must name trainable parameters of the model; unknown: {missing}"
                 if missing else "only= names no parameter: nothing to train"
             )
-        named = [(n, p) for n, p in named if n in set(only)]
+        wanted = set(only)
+        named = [(n, p) for n, p in named if n in wanted]
     params = [p for _, p in named]
     with preserved(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
