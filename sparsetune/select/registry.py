@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
-from ._data import LossFn, check_positive_int, preserved, trainable, transformers_loss
+from ._data import LossFn, check_positive_int, trainable, transformers_loss
 from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
 from .sam import sam_curvature_scores, sam_scores
@@ -141,14 +141,20 @@ def _after_head_warmup(model, always_train, data, loss_fn, seed, steps, lr, prog
             f"head_warmup_steps reads data twice (the head warm-up, then the scores), but data "
             f"is a one-shot iterator ({type(data).__name__}): pass a list or a DataLoader"
         )
-    with preserved(model):
-        head = finetuned_values(model, loss_fn, data, steps=steps, lr=lr, seed=seed,
-                                progress=progress, only=always_train)
+    # finetuned_values restores the model; only the head is then swapped in and back out.
+    trained = finetuned_values(model, loss_fn, data, steps=steps, lr=lr, seed=seed,
+                               progress=progress, only=always_train)
+    head = {n: p for n, p in model.named_parameters() if n in trained}
+    initial = {n: p.detach().clone() for n, p in head.items()}
+    try:
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in head:
-                    param.copy_(head[name])
+            for name, param in head.items():
+                param.copy_(trained[name])
         return score()
+    finally:
+        with torch.no_grad():
+            for name, param in head.items():
+                param.copy_(initial[name])
 
 
 _PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")
