@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import sparsetune
-from sparsetune.io import atomic_write
+from sparsetune.files import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sparsetune.io import atomic_write
+from sparsetune.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -89,8 +89,9 @@ from tqdm.auto import tqdm
 import sparsetune
 from benchmarks._common import environment, write_json
 from sparsetune import Mask, SparseAdamW, data, optimizer_state_nbytes, select
+from sparsetune._loss import cycle as _cycle
 from sparsetune.bounds import effective_curvature, estimate_constants, stability_bound
-from sparsetune.demo import _cycle, _warmup_then_decay
+from sparsetune.demo import _warmup_then_decay
 from sparsetune.errors import InvalidArgumentError, StateMismatchError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -41,7 +41,7 @@ import torch
 
 import sparsetune as st
 from sparsetune import data, demo
-from sparsetune.io import atomic_write
+from sparsetune.files import atomic_write
 from sparsetune.select import method_info
 from sparsetune.subspace import FIT_METHODS, Subspace
 

@@ -10,6 +10,7 @@ from . import bounds, curvature, data, integrations, subspace
 from .delta import BaseModelMismatchError, SparseDelta, merge_deltas
 from .errors import (
     CurvatureError,
+    FileFormatError,
     InvalidArgumentError,
     InvalidMaskError,
     InvalidScoresError,
@@ -17,7 +18,7 @@ from .errors import (
     SparsetuneError,
     StateMismatchError,
 )
-from .io import FileFormatError, load_mask, save_mask
+from .files import load_mask, save_mask
 from .mask import Mask, ParameterSummary, budget_size
 from .optim import (
     ChildTuningF,

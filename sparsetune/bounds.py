@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .curvature._functional import (
+from ._loss import materialize, transformers_loss
+from .curvature.objective import (
     Coordinates,
     LossFn,
     Objective,
     chunk_for,
     evaluating,
-    materialize,
     resolve_coordinates,
 )
 from .curvature.output_loss import (
@@ -49,7 +49,7 @@ from .curvature.output_loss import (
 )
 from .curvature.spectrum import default_tol, extreme_eigenvalues
 from .errors import InvalidArgumentError
-from .io import atomic_write
+from .files import atomic_write
 from .mask import Mask
 
 __all__ = [
@@ -368,8 +368,6 @@ def estimate_constants(
     The model is not modified; it runs in eval mode (modes restored).
     """
     if loss_fn is None:
-        from .select._data import transformers_loss
-
         loss_fn = transformers_loss
     if not callable(loss_fn):
         raise InvalidArgumentError(

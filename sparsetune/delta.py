@@ -15,23 +15,21 @@ is computed in float64 when it is needed (scaling, merging, :meth:`SparseDelta.t
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from .errors import InvalidArgumentError, ParameterMismatchError, SparsetuneError
-from .io import FORMAT_VERSION, FileFormatError, atomic_save_safetensors, read_metadata
 from .mask import Mask
 
-__all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "SparseDelta", "apply_to_pretrained",
-           "base_fingerprint", "extract_from_pretrained", "merge_deltas"]
+__all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "DeltaEntry", "SparseDelta",
+           "base_fingerprint", "merge_deltas"]
 
 MERGE_POLICIES = ("sum", "mean", "error")
 
@@ -51,7 +49,7 @@ def base_fingerprint(params: Mapping[str, Tensor]) -> str:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class DeltaEntry:
     """One parameter's support: flat indices (None = every entry), theta0 and theta there."""
 
     shape: tuple[int, ...]
@@ -62,6 +60,11 @@ class _Entry:
     @property
     def dtype(self) -> torch.dtype:
         return self.base.dtype
+
+    @property
+    def numel(self) -> int:
+        """Entries of the whole parameter (not of the support)."""
+        return math.prod(self.shape)
 
     def delta64(self) -> Tensor:
         return self.tuned.to(torch.float64) - self.base.to(torch.float64)
@@ -77,7 +80,7 @@ class SparseDelta:
 
     def __init__(
         self,
-        entries: Mapping[str, _Entry],
+        entries: Mapping[str, DeltaEntry],
         base_fingerprint: str,
         method: str = "unknown",
         info: Mapping[str, str] | None = None,
@@ -135,7 +138,7 @@ class SparseDelta:
             if selected is None or not bool(selected.any()):
                 continue
             index = None if bool(selected.all()) else torch.nonzero(selected.reshape(-1))[:, 0]
-            entries[name] = _Entry(
+            entries[name] = DeltaEntry(
                 tuple(new.shape), index, _gather(old, index), _gather(new, index)
             )
         if moved_outside:
@@ -149,6 +152,11 @@ class SparseDelta:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(self._entries)
+
+    @property
+    def entries(self) -> Mapping[str, DeltaEntry]:
+        """``name -> DeltaEntry`` (read-only), in the delta's parameter order."""
+        return MappingProxyType(self._entries)
 
     @property
     def num_entries(self) -> int:
@@ -288,64 +296,17 @@ class SparseDelta:
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a versioned ``.safetensors`` delta file atomically."""
-        tensors, parameters = {}, []
-        for name, e in self._entries.items():
-            tensors[f"base:{name}"] = e.base.detach().cpu()
-            tensors[f"tuned:{name}"] = e.tuned.detach().cpu()
-            if e.index is not None:
-                numel = e.base.new_empty(e.shape).numel()
-                dtype = torch.int32 if numel < 2**31 else torch.int64
-                tensors[f"idx:{name}"] = e.index.detach().cpu().to(dtype)
-            encoding = "dense" if e.index is None else "idx"
-            parameters.append([name, list(e.shape), encoding])
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "kind": "delta",
-            "method": self.method,
-            "base_fingerprint": self.base_fingerprint,
-            "num_entries": str(self.num_entries),
-            "parameters": json.dumps(parameters),
-        }
-        if self.info:
-            metadata["info"] = json.dumps(self.info, sort_keys=True)
-        return atomic_save_safetensors(tensors, path, metadata)
+        """Write a versioned ``.safetensors`` delta file atomically (:mod:`sparsetune.files`)."""
+        from .files.delta_file import save_delta
+
+        return save_delta(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SparseDelta:
         """Read a delta file strictly: every listed tensor present, nothing else."""
-        metadata = read_metadata(path, "delta")
-        try:
-            parameters = json.loads(metadata["parameters"])
-            fingerprint = metadata["base_fingerprint"]
-            info = json.loads(metadata.get("info", "{}"))
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise FileFormatError(f"{path}: damaged metadata ({exc})") from exc
-        expected = set()
-        for name, _, encoding in parameters:
-            expected |= {f"base:{name}", f"tuned:{name}"}
-            if encoding == "idx":
-                expected.add(f"idx:{name}")
-        entries = {}
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-            if present != expected:
-                raise FileFormatError(
-                    f"{path}: tensors do not match the listed parameters; missing "
-                    f"{sorted(expected - present)}, unexpected {sorted(present - expected)}"
-                )
-            for name, shape, encoding in parameters:
-                base, tuned = f.get_tensor(f"base:{name}"), f.get_tensor(f"tuned:{name}")
-                index = f.get_tensor(f"idx:{name}").long() if encoding == "idx" else None
-                numel = torch.Size(shape).numel()
-                count = numel if index is None else index.numel()
-                bad_index = index is not None and count and (
-                    int(index.min()) < 0 or int(index.max()) >= numel
-                )
-                if base.shape != (count,) or tuned.shape != (count,) or bad_index:
-                    raise FileFormatError(f"{path}: entries of '{name}' are inconsistent")
-                entries[name] = _Entry(tuple(shape), index, base, tuned)
-        return cls(entries, fingerprint, metadata.get("method", "unknown"), info)
+        from .files.delta_file import load_delta
+
+        return load_delta(path)
 
 
 def merge_deltas(
@@ -365,7 +326,7 @@ def merge_deltas(
         raise InvalidArgumentError(f"policy must be one of {list(MERGE_POLICIES)}, got {policy!r}")
     if len({d.base_fingerprint for d in deltas}) != 1:
         raise BaseModelMismatchError("cannot merge deltas of different base models")
-    entries: dict[str, _Entry] = {}
+    entries: dict[str, DeltaEntry] = {}
     for name in dict.fromkeys(n for d in deltas for n in d._entries):
         parts = [d._entries[name] for d in deltas if name in d._entries]
         first = parts[0]
@@ -392,69 +353,7 @@ def merge_deltas(
         index = None if bool(covered.all()) else torch.nonzero(covered)[:, 0]
         where = slice(None) if index is None else index
         tuned = (base[where].to(torch.float64) + total[where]).to(first.dtype)
-        entries[name] = _Entry(first.shape, index, base[where].clone(), tuned)
+        entries[name] = DeltaEntry(first.shape, index, base[where].clone(), tuned)
     infos = [d.info for d in deltas]
     return SparseDelta(entries, deltas[0].base_fingerprint, method,
                        infos[0] if all(i == infos[0] for i in infos) else None)
-
-
-# -- transformers model folders (what ``sparsetune delta`` works on) -------------------------
-
-
-def extract_from_pretrained(
-    base: str | os.PathLike | None,
-    tuned: str | os.PathLike,
-    mask: str | os.PathLike,
-    *,
-    seed: int = 0,
-    strict: bool = True,
-) -> SparseDelta:
-    """The delta between two local transformers folders, on the entries of a mask file.
-
-    ``tuned`` is loaded as saved; ``base`` (None: the embedded MiniLM) is loaded as the same
-    architecture and number of labels, a head it lacks drawn from ``seed`` exactly as
-    :func:`sparsetune.data.load_model` does. The mask must fit the base (its fingerprint is
-    checked when it has one). The architecture, labels and seed travel in :attr:`SparseDelta.info`
-    so that :func:`apply_to_pretrained` rebuilds the same base.
-    """
-    from .data import load_pretrained
-    from .io import load_mask
-
-    tuned_model, _ = load_pretrained(tuned)
-    architecture = type(tuned_model).__name__
-    num_labels = int(tuned_model.config.num_labels)
-    base_model, _ = load_pretrained(base, architecture=architecture, num_labels=num_labels,
-                                    seed=seed)
-    selected = load_mask(mask, model=base_model)
-    method = read_metadata(mask, "mask").get("method", "unknown")
-    info = {"architecture": architecture, "num_labels": str(num_labels), "seed": str(seed)}
-    return SparseDelta.extract(tuned_model, base_model.state_dict(), selected, method=method,
-                               strict=strict, info=info)
-
-
-def apply_to_pretrained(
-    base: str | os.PathLike | None,
-    delta: str | os.PathLike | SparseDelta,
-    output: str | os.PathLike,
-    *,
-    scale: float = 1.0,
-) -> Path:
-    """Load ``base`` (None: the embedded MiniLM) as the delta's architecture, apply the delta,
-    and save the tuned model (and the base's tokenizer) as a new transformers folder ``output``.
-
-    The base fingerprint is checked before anything is written; on failure no folder is left.
-    """
-    from .data import load_pretrained, save_pretrained
-
-    if not isinstance(delta, SparseDelta):
-        delta = SparseDelta.load(delta)
-    info = delta.info
-    try:
-        num_labels = int(info["num_labels"]) if "num_labels" in info else None
-        seed = int(info.get("seed", 0))
-    except ValueError as exc:
-        raise FileFormatError(f"delta info is damaged: {info}") from exc
-    model, tokenizer = load_pretrained(base, architecture=info.get("architecture"),
-                                       num_labels=num_labels, seed=seed)
-    delta.apply_to(model, scale=scale)
-    return save_pretrained(model, output, tokenizer)

@@ -37,8 +37,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import data
+from ._checks import check_density, check_int, check_positive
+from ._loss import cycle
 from .delta import SparseDelta
-from .errors import InvalidArgumentError, check_density
+from .errors import InvalidArgumentError
 from .mask import SCOPES, Mask
 from .optim import SparseAdamW, optimizer_state_nbytes
 from .select import METHODS, method_info, select
@@ -411,18 +413,6 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n < 10e6 else f"{n / 1e6:.0f} MB"
 
 
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return value
-
-
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise InvalidArgumentError(f"{name} must be a number > 0, got {name}={value!r}")
-    return float(value)
-
-
 def _first(split: data.Split, n: int) -> data.Split:
     """The first ``n`` examples of a split (its order is already seeded and random)."""
     return data.Split(split.texts[:n], split.labels[:n])
@@ -437,11 +427,6 @@ def _constant_score(labels: list[int], prediction: int, metric: str) -> float:
     tp, fp = (positives, len(labels) - positives) if prediction == 1 else (0, 0)
     fn = positives - tp
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-
-
-def _cycle(batches: Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
-    while True:
-        yield from batches  # a data.Batches reshuffles at every pass
 
 
 def _warmup_then_decay(steps: int):
@@ -475,7 +460,7 @@ def _fine_tune(
         opt = SparseAdamW(model, mask, lr=lr, weight_decay=0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then_decay(steps))
     losses: list[float] = []
-    stream = _cycle(batches)
+    stream = cycle(batches)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same dropout draws for every method
         model.train()
@@ -626,9 +611,9 @@ def run_real_demo(
         ("validation_examples", validation_examples),
         ("test_examples", test_examples),
     ):
-        _check_int(name, value)
-    _check_int("seed", seed, minimum=0)
-    scales = tuple(_check_positive("lr_scales entry", s) for s in lr_scales)
+        check_int(name, value)
+    check_int("seed", seed, minimum=0)
+    scales = tuple(check_positive("lr_scales entry", s) for s in lr_scales)
     if not scales:
         raise InvalidArgumentError("lr_scales must hold at least one scale, got an empty one")
     if importlib.util.find_spec("matplotlib") is None:

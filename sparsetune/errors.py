@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CurvatureError",
+    "FileFormatError",
     "InvalidArgumentError",
     "InvalidMaskError",
     "InvalidScoresError",
@@ -45,6 +46,10 @@ class CurvatureError(SparsetuneError, ValueError):
     """
 
 
+class FileFormatError(SparsetuneError, ValueError):
+    """A file is not a sparsetune file of the expected kind and version, or is damaged."""
+
+
 class ParameterMismatchError(SparsetuneError, KeyError):
     """Names in a mask (or scores) do not match the parameters of a model.
 
@@ -53,16 +58,3 @@ class ParameterMismatchError(SparsetuneError, KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0]) if self.args else ""
-
-
-def check_density(density: float, name: str = "density") -> float:
-    """Return ``density`` as a float, or raise if it is not in (0, 1]."""
-    try:
-        value = float(density)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(
-            f"{name} must be a number in (0, 1], got {density!r}"
-        ) from None
-    if not (0.0 < value <= 1.0):
-        raise InvalidArgumentError(f"{name} must be in (0, 1], got {name}={density!r}")
-    return value

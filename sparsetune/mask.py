@@ -23,12 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_density
 from .errors import (
     InvalidArgumentError,
     InvalidMaskError,
     InvalidScoresError,
     ParameterMismatchError,
-    check_density,
 )
 
 __all__ = ["SCOPES", "Mask", "ParameterSummary", "budget_size"]
@@ -450,12 +450,12 @@ class Mask(Mapping[str, Tensor]):
     def save(
         self, path: str | os.PathLike, *, method: str = "unknown", model: nn.Module | None = None
     ) -> Path:
-        """Write a compact, versioned ``.safetensors`` mask file atomically (see sparsetune.io).
+        """Write a compact, versioned ``.safetensors`` mask file atomically (see sparsetune.files).
 
         With ``model`` the file records the model's names-and-shapes fingerprint, and
         :meth:`load` with another model is refused.
         """
-        from .io import save_mask
+        from .files.mask_file import save_mask
 
         return save_mask(self, path, method=method, model=model)
 
@@ -463,7 +463,7 @@ class Mask(Mapping[str, Tensor]):
     def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> Mask:
         """Read a mask file strictly; with ``model``, check its names and shapes too (all of the
         model's, when the file was saved with ``model=``)."""
-        from .io import load_mask
+        from .files.mask_file import load_mask
 
         return load_mask(path, model=model)
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,9 +62,11 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import check_int
+from ._loss import LossFn, LossModule, check_scalar_loss, cycle
 from .delta import BaseModelMismatchError, SparseDelta, base_fingerprint
 from .errors import InvalidArgumentError, ParameterMismatchError
-from .io import (
+from .files import (
     FORMAT_VERSION,
     FileFormatError,
     atomic_save_safetensors,
@@ -76,7 +78,6 @@ from .mask import Mask
 __all__ = ["FIT_METHODS", "Landscape", "Subspace", "SubspaceTrainResult", "fit"]
 
 FIT_METHODS = ("svd", "joint")
-LossFn = Callable[[nn.Module, Any], Tensor]
 _CHUNK = 1 << 19  # coordinates per streamed block: n x 2^19 float64 = 4 MB per solution
 _MAX_JOINT_SOLUTIONS = 62  # observation patterns are int64 bit sets
 
@@ -230,12 +231,6 @@ def _dense_block(vectors: Sequence[_Vector], name: str, start: int, stop: int):
 
 
 # -- fitting ------------------------------------------------------------------------------------
-def _check_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {name}={value!r}")
-    return value
-
-
 def _svd(vectors, layout, dim, dtype):
     n = len(vectors)
     gram = torch.zeros(n, n, dtype=torch.float64)
@@ -416,7 +411,7 @@ def fit(
     claim every direction; the coordinates ``z`` stay those of the unscaled solutions.
     """
     deltas = _check_deltas(deltas)
-    dim = _check_int("dim", dim)
+    dim = check_int("dim", dim)
     if method not in FIT_METHODS:
         raise InvalidArgumentError(f"method must be one of {list(FIT_METHODS)}, got {method!r}")
     if dim > len(deltas):
@@ -432,7 +427,7 @@ def fit(
         )
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise InvalidArgumentError(f"ridge must be a number >= 0, got ridge={ridge!r}")
-    _check_int("iterations", iterations)
+    check_int("iterations", iterations)
     if dtype not in (torch.float32, torch.float64):
         raise InvalidArgumentError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     layout = _layout_of(deltas)
@@ -462,26 +457,6 @@ def fit(
 
 
 # -- the subspace -------------------------------------------------------------------------------
-class _Bound(nn.Module):
-    """``loss_fn(model, batch)`` as a forward, so ``functional_call`` can swap parameters."""
-
-    def __init__(self, model: nn.Module, fn: LossFn) -> None:
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, batch: Any) -> Any:
-        return self.fn(self.model, batch)
-
-
-def _scalar(value: Any) -> Tensor:
-    if not isinstance(value, Tensor) or value.dim() != 0 or not value.is_floating_point():
-        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a scalar floating-point tensor, got {shape}"
-        )
-    return value
-
-
 @dataclass
 class SubspaceTrainResult:
     """What :meth:`Subspace.train` found: the coordinates z (shape (d,)) and the loss per step."""
@@ -749,7 +724,8 @@ class Subspace:
 
     def _loss(self, model, loss_fn, params, batch) -> Tensor:
         swapped = {f"model.{n}": t for n, t in params.items()}
-        return _scalar(torch.func.functional_call(_Bound(model, loss_fn), swapped, (batch,)))
+        return check_scalar_loss(
+            torch.func.functional_call(LossModule(model, loss_fn), swapped, (batch,)))
 
     @torch.no_grad()
     def apply_to(
@@ -815,7 +791,7 @@ class Subspace:
         whatever the scale of U's columns on the mask; the returned z is in the subspace's own
         coordinates. Directions that decode to zero on the mask stay at ``init``.
         """
-        _check_int("steps", steps)
+        check_int("steps", steps)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise InvalidArgumentError(f"lr must be a number > 0, got lr={lr!r}")
         base = self._check_model(model, check_base)
@@ -842,7 +818,7 @@ class Subspace:
         outside = start.double() - to_z.double() @ (from_z @ start.double())  # kept as given
         opt = torch.optim.Adam([w], lr=lr)
         losses: list[float] = []
-        stream = _cycle(data)
+        stream = cycle(data)
         for _ in tqdm(range(steps), desc="subspace training", disable=not progress, leave=False):
             opt.zero_grad(set_to_none=True)
             z = to_z @ w + outside.to(dtype)
@@ -889,7 +865,7 @@ class Subspace:
         the marked points and the origin with a 20% margin. ``data`` is iterated once per grid
         point (keep it small). With ``path`` the heat map is saved as a PNG.
         """
-        _check_int("grid", grid, minimum=2)
+        check_int("grid", grid, minimum=2)
         i, j = axes
         if not (0 <= i < self.dim and 0 <= j < self.dim and i != j):
             raise InvalidArgumentError(
@@ -1026,13 +1002,3 @@ class Subspace:
         space.reconstruction_error = error
         space.fit_history = history
         return space
-
-
-def _cycle(data: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise InvalidArgumentError("data is empty: no batch to train on")

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-from .errors import InvalidArgumentError, check_density
+from ._checks import check_density
+from .errors import InvalidArgumentError
 from .mask import Mask, budget_size
 
 __all__ = [

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import sparsetune as st
-from sparsetune.delta import extract_from_pretrained
-from sparsetune.io import describe_file
+from sparsetune.files import describe_file
 from sparsetune.select import select_for_task
+from sparsetune.workflows import extract_from_pretrained
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -564,7 +564,7 @@ def test_hvp_equals_dense_hessian_times_vector():
 
 def test_dual_number_hvp_equals_the_torch_func_transform_on_tiny_bert():
     # Objective.hvp (dual numbers + autograd) is the fast path; jvp(grad) is its twin under vmap.
-    from sparsetune.curvature._functional import Objective, evaluating
+    from sparsetune.curvature.objective import Objective, evaluating
 
     model, data = _tiny_bert(), _bert_data()
     objective = Objective(model, _hf_loss, [n for n, _ in model.named_parameters()])

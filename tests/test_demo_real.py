@@ -17,7 +17,7 @@ import torch
 import sparsetune as st
 from sparsetune import data
 from sparsetune.demo import FULL_FINE_TUNING, run_real_demo
-from sparsetune.io import read_metadata
+from sparsetune.files import read_metadata
 
 TINY = dict(
     task="rotten_tomatoes",

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import sparsetune as st
 from sparsetune import Mask
-from sparsetune.io import FileFormatError, describe_file, load_mask, model_fingerprint, save_mask
+from sparsetune.files import FileFormatError, describe_file, load_mask, model_fingerprint, save_mask
 
 
 @given(
@@ -89,7 +89,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sparsetune.io.save_file", broken)
+    monkeypatch.setattr("sparsetune.files.atomic.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         Mask.empty(torch.nn.Linear(2, 2)).save(target)
     assert target.read_bytes() == before  # old file intact

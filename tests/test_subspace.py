@@ -16,7 +16,7 @@ from torch import nn
 import sparsetune as st
 from sparsetune import subspace
 from sparsetune.delta import BaseModelMismatchError
-from sparsetune.io import FileFormatError
+from sparsetune.files import FileFormatError
 
 
 # -- helpers ------------------------------------------------------------------------------------

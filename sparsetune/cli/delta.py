@@ -56,7 +56,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..delta import SparseDelta, apply_to_pretrained, extract_from_pretrained, merge_deltas
+    from ..delta import SparseDelta, merge_deltas
+    from ..workflows import apply_to_pretrained, extract_from_pretrained
 
     if args.action == "extract":
         delta = extract_from_pretrained(args.base, args.tuned, args.mask, seed=args.seed,

@@ -13,6 +13,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..io import describe_file
+    from ..files import describe_file
 
     print(describe_file(args.file))

@@ -68,7 +68,7 @@ def _mask(path: str | None):
     from safetensors import safe_open
 
     from ..delta import SparseDelta
-    from ..io import load_mask
+    from ..files import load_mask
 
     with safe_open(path, framework="pt") as f:
         kind = (f.metadata() or {}).get("kind")

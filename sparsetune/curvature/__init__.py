@@ -25,9 +25,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import check_int
 from ..errors import CurvatureError, InvalidArgumentError
 from . import empirical_fisher, exact, finite_difference, ggn, hutchinson
-from ._functional import (
+from .exact import EXACT_MAX_COORDINATES
+from .hutchinson import DISTRIBUTIONS
+from .objective import (
     LossFn,
     Objective,
     Params,
@@ -36,8 +39,6 @@ from ._functional import (
     hvp,
     resolve_coordinates,
 )
-from .exact import EXACT_MAX_COORDINATES
-from .hutchinson import DISTRIBUTIONS
 from .output_loss import OutputLoss
 from .spectrum import extreme_eigenvalues
 
@@ -152,10 +153,12 @@ def hessian_diagonal(
                 f"{name}={value!r} does not apply to method={method!r}; it applies to "
                 f"{', '.join(users)}"
             )
-    options: dict[str, Any] = {"chunk_size": _positive_int("chunk_size", chunk_size),
-                               "progress": bool(progress)}
+    options: dict[str, Any] = {
+        "chunk_size": check_int("chunk_size", chunk_size, allow_none=True),
+        "progress": bool(progress),
+    }
     if "num_samples" in takes:
-        options["num_samples"] = _positive_int(
+        options["num_samples"] = check_int(
             "num_samples", _DEFAULT_SAMPLES[method] if num_samples is None else num_samples
         )
     if "seed" in takes:
@@ -183,11 +186,3 @@ def hessian_diagonal(
     else:
         check_finite(result, what)
     return result
-
-
-def _positive_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(f"{name} must be an integer >= 1, got {name}={value!r}")
-    return value

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._functional import Coordinates, Objective
+from .objective import Coordinates, Objective
 from .output_loss import IGNORE_INDEX, OutputLoss, diagonal_from_cotangents
 
 __all__ = ["diagonal"]

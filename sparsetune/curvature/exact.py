@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._loss import batches
 from ..errors import InvalidArgumentError
-from ._functional import Coordinates, Objective, chunk_for, iterate
+from .objective import Coordinates, Objective, chunk_for
 
 __all__ = ["EXACT_MAX_COORDINATES", "diagonal"]
 
@@ -66,7 +67,7 @@ def diagonal(
     total = n * len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     with tqdm(total=total, desc="exact Hessian diagonal", unit="HVP", disable=not progress,
               leave=False) as bar:
-        for batch in iterate(data, "", progress=False):
+        for batch in batches(data, needed_by="curvature"):
             for start in range(0, n, chunk):
                 block = where[start : start + chunk]
                 tangents = {

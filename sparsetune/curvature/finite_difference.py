@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError
-from ._functional import Coordinates, Objective
 from .hutchinson import probe_estimate
+from .objective import Coordinates, Objective
 
 __all__ = ["default_step", "diagonal"]
 

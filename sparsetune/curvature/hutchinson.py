@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._loss import batches
 from ..errors import InvalidArgumentError
-from ._functional import Coordinates, Objective, chunk_for, iterate, probe_chunks
+from .objective import Coordinates, Objective, chunk_for, probe_chunks
 
 __all__ = ["DISTRIBUTIONS", "diagonal", "draw_probes", "probe_estimate"]
 
@@ -101,7 +102,7 @@ def probe_estimate(
     variance = {n: torch.zeros_like(p) for n, p in primals.items()} if return_stderr else {}
     total = num_samples * len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
     with tqdm(total=total, desc=desc, unit="probe", disable=not progress, leave=False) as bar:
-        for batch in iterate(data, "", progress=False):
+        for batch in batches(data, needed_by="curvature"):
             count = 0
             mean = {n: torch.zeros_like(p) for n, p in primals.items()} if return_stderr else {}
             m2 = {n: torch.zeros_like(p) for n, p in primals.items()} if return_stderr else {}

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._loss import batches
 from ..errors import InvalidArgumentError
-from ._functional import Coordinates, Objective, chunk_for, iterate
+from .objective import Coordinates, Objective, chunk_for
 
 __all__ = ["IGNORE_INDEX", "LOSSES", "REDUCTIONS", "OutputLoss"]
 
@@ -296,7 +297,7 @@ def diagonal_from_cotangents(
     generator = torch.Generator(device=first.device).manual_seed(seed)
     total = {k: torch.zeros_like(p) for k, p in primals.items()}
     state: dict[str, bool] = {}
-    for batch in iterate(data, desc, progress):
+    for batch in batches(data, desc, progress, needed_by="curvature"):
         part = squared_vjps(
             objective, spec, batch, make_cotangents, noise, generator, chunk_size, state
         )

@@ -18,14 +18,14 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._loss import materialize
 from ..errors import CurvatureError, InvalidArgumentError
-from ._functional import (
+from .objective import (
     LossFn,
     Objective,
     Params,
     check_finite,
     evaluating,
-    materialize,
     resolve_coordinates,
 )
 

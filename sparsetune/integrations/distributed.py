@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
 from ..optim._selection import reject_sharded_parameters as _reject_sharded
 from ..select import accumulated_gradient, select
-from ..select._data import LossFn, transformers_loss
 
 __all__ = [
     "ALL_REDUCED_METHODS",

@@ -50,7 +50,6 @@ state from ``optimizer.pt``, which ``SparseAdamW.load_state_dict`` accepts only 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -59,9 +58,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._loss import FirstBatches
 from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint
 from ..errors import InvalidArgumentError, StateMismatchError
-from ..io import read_metadata
+from ..files import read_metadata
 from ..mask import Mask
 from ..optim import SparseAdamW, SparseGradients, prepare
 from ..select import method_info, select
@@ -286,7 +286,10 @@ class SparseTrainer(Trainer):
             self.model,
             self.sparse_method,
             self.density,
-            data=_FirstBatches(self, self.selection_batches),
+            # the dataloader's shuffling is drawn inside a forked RNG, so that training sees the
+            # same random stream whether a mask was selected or not (a resumed run stays exact)
+            data=FirstBatches(_TrainLoader(self), self.selection_batches,
+                              context=lambda: _forked_rng(self.args.device)),
             loss_fn=self.selection_loss_fn,
             always_train=self.always_train,
             **self.selection_options,
@@ -410,22 +413,14 @@ def _check_single_process(args: Any) -> None:
         )
 
 
-class _FirstBatches:
-    """The first ``count`` batches of the trainer's training dataloader, re-iterable.
+class _TrainLoader:
+    """The trainer's training dataloader, built afresh at each pass (its shuffling is seeded)."""
 
-    Iterating draws the dataloader's shuffling from the global RNG: it runs inside
-    ``fork_rng`` so that training sees the same random stream whether a mask was selected or
-    not (which keeps a resumed run identical to an uninterrupted one).
-    """
-
-    def __init__(self, trainer: Trainer, count: int) -> None:
-        self.trainer, self.count = trainer, count
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
 
     def __iter__(self) -> Iterator[Any]:
-        with _forked_rng(self.trainer.args.device):
-            loader = self.trainer.get_train_dataloader()
-            batches = list(itertools.islice(loader, self.count))
-        yield from batches
+        return iter(self.trainer.get_train_dataloader())
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
 from ._selection import (
@@ -344,9 +345,3 @@ def _pop_and_check_fingerprint(
     optimizer: CompactStateOptimizer, state_dict: dict[str, Any]
 ) -> None:
     check_fingerprint(state_dict.pop(STATE_KEY, None), optimizer.mask, type(optimizer).__name__)
-
-
-def check_non_negative(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:  # NaN too
-        raise InvalidArgumentError(f"Invalid {name}: {value!r} (must be a number >= 0)")
-    return float(value)

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
-from ._compact import CompactStateOptimizer, check_non_negative
+from ._compact import CompactStateOptimizer
 
 __all__ = ["SparseSGD"]
 

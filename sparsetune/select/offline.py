@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import InvalidArgumentError, check_density
+from .._checks import check_density
+from ..errors import InvalidArgumentError
 from ..mask import Mask
 from .registry import method_info, method_options, select
 

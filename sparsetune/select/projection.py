@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
+from .._loss import LossFn, LossModule, batches, restoring
 from ..errors import InvalidArgumentError
-from ._data import LossFn, batches, check_positive_int, preserved, trainable
+from ._data import trainable
 from .sam import accumulated_gradient
 
 __all__ = ["diff_pruning_scores", "finetuned_values", "fisher_scores", "lt_sft_scores"]
@@ -54,7 +56,7 @@ def finetuned_values(
     over ``data`` if it runs out (when it can be iterated again). Dropout draws come from a
     private generator seeded by ``seed``; the caller's RNG state is untouched.
     """
-    check_positive_int("steps", steps)
+    check_int("steps", steps)
     if not lr > 0:
         raise InvalidArgumentError(f"lr must be > 0, got lr={lr!r}")
     named = trainable(model)
@@ -68,14 +70,14 @@ def finetuned_values(
         wanted = set(only)
         named = [(n, p) for n, p in named if n in wanted]
     params = [p for _, p in named]
-    with preserved(model), torch.random.fork_rng(devices=[]):
+    with restoring(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         done = 0
         while done < steps:
             before = done
-            for batch in batches(data, steps - done, "fine-tuning burn-in", progress):
+            for batch in batches(data, "fine-tuning burn-in", progress, limit=steps - done):
                 opt.zero_grad(set_to_none=True)
                 if only is None:
                     loss_fn(model, batch).backward()
@@ -109,18 +111,6 @@ def lt_sft_scores(
 _BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
 
 
-class _LossModule(nn.Module):
-    """Calls ``loss_fn(model, batch)`` so torch.func.functional_call can swap the parameters."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
-
-
 def diff_pruning_scores(
     model: nn.Module,
     loss_fn: LossFn,
@@ -142,7 +132,7 @@ def diff_pruning_scores(
     the top-k of them is the paper's projection onto a k-sparse mask. E[||z||_0] is the sum of
     sigmoid(log_alpha - beta log(-gamma / zeta)). The model itself is never changed.
     """
-    check_positive_int("steps", steps)
+    check_int("steps", steps)
     for name, value in (("lr", lr), ("l0_weight", l0_weight)):
         if not value >= 0 or (name == "lr" and value == 0):
             raise InvalidArgumentError(f"{name} must be {'> 0' if name == 'lr' else '>= 0'}, "
@@ -152,17 +142,17 @@ def diff_pruning_scores(
     diffs = {n: torch.zeros_like(p, requires_grad=True) for n, p in named}
     logits = {n: torch.full_like(p, init_log_alpha, requires_grad=True) for n, p in named}
     opt = torch.optim.Adam([*diffs.values(), *logits.values()], lr=lr)
-    wrapper = _LossModule(model, loss_fn)
+    wrapper = LossModule(model, loss_fn)
     device = next(iter(base.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
     shift = _BETA * math.log(-_GAMMA / _ZETA)
     done = 0
-    with preserved(model), torch.random.fork_rng(devices=[]):
+    with restoring(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.train()
         while done < steps:
             before = done
-            for batch in batches(data, steps - done, "diff pruning", progress):
+            for batch in batches(data, "diff pruning", progress, limit=steps - done):
                 gates = {}
                 for n, a in logits.items():
                     u = torch.rand(a.shape, generator=gen, device=device, dtype=a.dtype)

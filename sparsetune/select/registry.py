@@ -10,9 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_int
+from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
-from ._data import LossFn, check_positive_int, trainable, transformers_loss
+from ._data import trainable
 from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
 from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
 from .sam import sam_curvature_scores, sam_scores
@@ -129,7 +131,7 @@ def _after_head_warmup(model, always_train, data, loss_fn, seed, steps, lr, prog
     gradient at theta0 depends on that draw (benchmarks/README.md, quality: ``sam_probe``)."""
     if steps is None or steps == 0:
         return score()
-    check_positive_int("head_warmup_steps", steps)
+    check_int("head_warmup_steps", steps)
     if not always_train:
         raise InvalidArgumentError(
             "head_warmup_steps trains the always_train parameters (the task head) alone before "

@@ -17,16 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
+from .._loss import LossFn, batches, reiterable, restoring
 from ..errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
-from ._data import (
-    LossFn,
-    batches,
-    check_positive_int,
-    clipped_gradients,
-    preserved,
-    reiterable,
-    trainable,
-)
+from ._data import clipped_gradients, trainable
 
 __all__ = ["DEFAULT_FLOOR_FRACTION", "accumulated_gradient", "floored_curvature",
            "sam_curvature_scores", "sam_scores"]
@@ -51,16 +45,16 @@ def accumulated_gradient(
     estimate of Child-Tuning-D). Returns ``name -> tensor`` for every parameter that requires
     grad. The model's weights, ``.grad`` fields and train/eval modes are left as found.
     """
-    check_positive_int("num_batches", num_batches, allow_none=True)
+    check_int("num_batches", num_batches, allow_none=True)
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise InvalidArgumentError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
     named = trainable(model)
     params = [p for _, p in named]
     total = [torch.zeros_like(p) for p in params]
     seen = 0
-    with preserved(model):
+    with restoring(model):
         model.eval()
-        for batch in batches(data, num_batches, "gradients at theta0", progress):
+        for batch in batches(data, "gradients at theta0", progress, limit=num_batches):
             grads = clipped_gradients(model, loss_fn, batch, params, max_grad_norm)
             for acc, g in zip(total, grads):
                 acc.add_(g.square() if square_each else g)
@@ -198,7 +192,7 @@ def sam_curvature_scores(
     names = [n for n, _ in trainable(model) if n not in exclude]
     if not names:
         raise InvalidArgumentError("sam_curvature has no parameter to score (all excluded)")
-    check_positive_int("num_batches", num_batches, allow_none=True)
+    check_int("num_batches", num_batches, allow_none=True)
     if curvature is None and curvature_data is None:
         data = reiterable(data, num_batches)
     g = accumulated_gradient(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sparsetune.io import atomic_write
+from sparsetune.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -23,12 +23,11 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from .._loss import LossFn, LossModule, batches, check_scalar_loss, restoring
 from ..errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 
-LossFn = Callable[[nn.Module, Any], Tensor]
 Params = Iterable[str] | Mask | Mapping[str, Tensor] | str | None
 
 
@@ -136,36 +135,6 @@ def _short(value: object) -> str:
 
 
 # -- the loss as a function of the parameters ----------------------------------------------------
-class _Bound(nn.Module):
-    """``fn(model, batch)`` as a module's forward, so functional_call can swap the parameters."""
-
-    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.fn = fn
-
-    def forward(self, batch: Any) -> Any:
-        return self.fn(self.model, batch)
-
-
-def check_scalar_loss(value: Any) -> Tensor:
-    """Return ``value`` if it is a 0-dim floating-point tensor, else raise."""
-    if not isinstance(value, Tensor):
-        raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a scalar tensor, got {type(value).__name__}"
-        )
-    if value.dim() != 0:
-        raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a scalar (0-dim) tensor, got shape "
-            f"{tuple(value.shape)}; reduce it over the batch (.mean() or .sum())"
-        )
-    if not value.is_floating_point():
-        raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a floating-point tensor, got {value.dtype}"
-        )
-    return value
-
-
 class Objective:
     """``loss_fn(model, batch)`` as a pure function of the parameters named in ``names``.
 
@@ -183,7 +152,7 @@ class Objective:
     def call(self, fn: Callable[[nn.Module, Any], Any], params: Mapping[str, Tensor],
              batch: Any) -> Any:
         swapped = {f"model.{n}": t for n, t in params.items()}
-        return torch.func.functional_call(_Bound(self.model, fn), swapped, (batch,))
+        return torch.func.functional_call(LossModule(self.model, fn), swapped, (batch,))
 
     def loss(self, params: Mapping[str, Tensor], batch: Any) -> Tensor:
         return check_scalar_loss(self.call(self.loss_fn, params, batch))
@@ -241,14 +210,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     Autograd recording at level 0 is off too: torch.func transforms do their own differentiation,
     and the model's own parameters (constants here) must not build a graph.
     """
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), explained_autodiff_errors():
-            yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with restoring(model, values=False), torch.no_grad(), explained_autodiff_errors():
+        model.eval()
+        yield
 
 
 @contextlib.contextmanager
@@ -282,35 +246,6 @@ def explained_autodiff_errors() -> Iterator[None]:
             "targets that carry no tangent); write the loss out, ((pred - target) ** 2).mean(), "
             "or use sparsetune.curvature.OutputLoss(..., loss=\"mse\")"
         ) from e
-
-
-def iterate(data: Iterable[Any], desc: str, progress: bool, total: int | None = None
-            ) -> Iterator[Any]:
-    """The batches of ``data`` with a tqdm bar; raises if there is none."""
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
-    seen = 0
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
-        for batch in data:
-            yield batch
-            seen += 1
-            bar.update(1)
-    if seen == 0:
-        raise InvalidArgumentError(
-            "data yielded no batch: curvature needs at least one batch (data is any iterable "
-            "of batches, e.g. a DataLoader or a list)"
-        )
-
-
-def materialize(data: Iterable[Any]) -> list[Any]:
-    """``data`` as a list (read once), so repeated passes see the same batches in order."""
-    batches = list(data)
-    if not batches:
-        raise InvalidArgumentError(
-            "data yielded no batch: curvature needs at least one batch (data is any iterable "
-            "of batches, e.g. a DataLoader or a list)"
-        )
-    return batches
 
 
 def check_finite(result: Mapping[str, Tensor], what: str) -> None:
@@ -377,7 +312,7 @@ def hvp(
     tangents = {n: vector[n].to(objective.primals[n]) for n in coords.names}
     total = {n: torch.zeros_like(p) for n, p in objective.primals.items()}
     with evaluating(model):
-        for batch in iterate(data, "Hessian-vector product", progress):
+        for batch in batches(data, "Hessian-vector product", progress, needed_by="curvature"):
             for n, hv in objective.hvp(batch, tangents).items():
                 total[n].add_(hv)
     check_finite(total, "the Hessian-vector product")

@@ -1,0 +1,56 @@
+"""Validators for scalar arguments: each returns the value or raises one clear error.
+
+Every message names the argument, echoes the value received and says what is allowed
+(``"steps must be an integer >= 1, got steps=0"``). Imports nothing of sparsetune but ``errors``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+__all__ = ["check_density", "check_int", "check_non_negative", "check_positive"]
+
+
+def check_density(density: Any, name: str = "density") -> float:
+    """Return ``density`` as a float, or raise if it is not in (0, 1]."""
+    try:
+        value = float(density)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"{name} must be a number in (0, 1], got {density!r}"
+        ) from None
+    if not (0.0 < value <= 1.0):
+        raise InvalidArgumentError(f"{name} must be in (0, 1], got {name}={density!r}")
+    return value
+
+
+def check_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = False) -> Any:
+    """Return ``value`` if it is an int >= ``minimum`` (or None with ``allow_none``), else raise.
+
+    ``bool`` is refused although it is an ``int`` subclass: ``steps=True`` is a mistake.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise InvalidArgumentError(f"{name} must be {allowed}, got {name}={value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a real number > 0 (NaN refused), else raise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise InvalidArgumentError(f"{name} must be a number > 0, got {name}={value!r}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a real number >= 0 (NaN refused), else raise.
+
+    The message follows torch.optim's ("Invalid lr: -1 ..."), as optimizer arguments use it.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidArgumentError(f"Invalid {name}: {value!r} (must be a number >= 0)")
+    return float(value)

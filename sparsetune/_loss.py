@@ -1,0 +1,201 @@
+"""The loss and the data, as every stage sees them: one home for the plumbing they share.
+
+A loss is ``loss_fn(model, batch) -> scalar tensor`` (:data:`LossFn`); for transformers models the
+default is ``model(**batch).loss`` (:func:`transformers_loss`). ``data`` is any iterable of
+batches. :class:`LossModule` turns the loss into a module's forward so that
+``torch.func.functional_call`` can swap parameters; :func:`batches`, :func:`cycle`,
+:func:`materialize` and :func:`reiterable` read the data; :func:`restoring` puts the model back as
+it was. Imports nothing of sparsetune but ``errors``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "FirstBatches",
+    "LossFn",
+    "LossModule",
+    "batches",
+    "check_scalar_loss",
+    "cycle",
+    "materialize",
+    "reiterable",
+    "restoring",
+    "transformers_loss",
+]
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(model, batch) -> 0-dim floating-point tensor``."""
+
+
+def transformers_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    """Default loss: ``model(**batch).loss`` (a transformers model given labels)."""
+    out = model(**batch)
+    loss = getattr(out, "loss", None)
+    if loss is None:
+        raise InvalidArgumentError(
+            "the default loss_fn calls model(**batch).loss, but the model returned no loss; "
+            "pass loss_fn(model, batch) -> scalar tensor, or include labels in the batch"
+        )
+    return loss
+
+
+class LossModule(nn.Module):
+    """``fn(model, batch)`` as a module's forward, so ``torch.func.functional_call`` can swap the
+    model's parameters (they appear under the prefix ``"model."``)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.fn = fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.fn(self.model, batch)
+
+
+def check_scalar_loss(value: Any) -> Tensor:
+    """Return ``value`` if it is a 0-dim floating-point tensor, else raise."""
+    if not isinstance(value, Tensor):
+        raise InvalidArgumentError(
+            f"loss_fn(model, batch) must return a scalar tensor, got {type(value).__name__}"
+        )
+    if value.dim() != 0:
+        raise InvalidArgumentError(
+            f"loss_fn(model, batch) must return a scalar (0-dim) tensor, got shape "
+            f"{tuple(value.shape)}; reduce it over the batch (.mean() or .sum())"
+        )
+    if not value.is_floating_point():
+        raise InvalidArgumentError(
+            f"loss_fn(model, batch) must return a floating-point tensor, got {value.dtype}"
+        )
+    return value
+
+
+_NO_BATCH = (
+    "data yielded no batch: {what} needs at least one batch (data is any iterable of batches, "
+    "e.g. a DataLoader or a list)"
+)
+
+
+def batches(
+    data: Iterable[Any],
+    desc: str = "",
+    progress: bool = False,
+    *,
+    limit: int | None = None,
+    total: int | None = None,
+    needed_by: str | None = None,
+) -> Iterator[Any]:
+    """The batches of ``data`` (at most ``limit``; all when None), with a tqdm bar.
+
+    With ``needed_by`` (what reads the data, e.g. ``"curvature"``), data that yields no batch
+    raises :class:`InvalidArgumentError` once the iteration ends.
+    """
+    if total is None:
+        total = limit
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)  # type: ignore[arg-type]
+    seen = 0
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
+        for batch in data:
+            if limit is not None and seen >= limit:
+                break
+            yield batch
+            seen += 1
+            bar.update(1)
+    if seen == 0 and needed_by is not None:
+        raise InvalidArgumentError(_NO_BATCH.format(what=needed_by))
+
+
+def materialize(data: Iterable[Any], needed_by: str = "curvature") -> list[Any]:
+    """``data`` as a list (read once), so repeated passes see the same batches in order."""
+    out = list(data)
+    if not out:
+        raise InvalidArgumentError(_NO_BATCH.format(what=needed_by))
+    return out
+
+
+def cycle(data: Iterable[Any]) -> Iterator[Any]:
+    """Pass over ``data`` again and again (a DataLoader reshuffles each pass); raise if empty."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if empty:
+            raise InvalidArgumentError("data is empty: no batch to train on")
+
+
+class FirstBatches:
+    """The first ``limit`` batches of a re-iterable ``data``, itself re-iterable.
+
+    With ``context`` (a context-manager factory, e.g. a forked RNG), each pass reads its batches
+    inside ``context()`` at once, then yields them outside it: whatever reading the data draws
+    (a DataLoader's shuffling) stays inside, and the consumer's own work stays outside.
+    """
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        limit: int,
+        context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        self.data, self.limit, self.context = data, limit, context
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.context is not None:
+            with self.context():
+                read = list(itertools.islice(self.data, self.limit))
+            yield from read
+            return
+        for i, batch in enumerate(self.data):
+            if i >= self.limit:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        n = len(self.data) if hasattr(self.data, "__len__") else self.limit  # type: ignore
+        return min(n, self.limit)
+
+
+def reiterable(data: Iterable[Any], limit: int | None, argname: str = "data") -> Iterable[Any]:
+    """``data`` (its first ``limit`` batches), readable more than once.
+
+    Methods that pass over the data twice (a gradient, then a curvature) must see the same
+    batches; a one-shot iterator cannot be read twice, so it is refused with a clear error.
+    """
+    if iter(data) is data:
+        raise InvalidArgumentError(
+            f"{argname} is a one-shot iterator ({type(data).__name__}), but it is read twice "
+            f"(gradient, then curvature): pass a list or a DataLoader"
+        )
+    return data if limit is None else FirstBatches(data, limit)
+
+
+@contextlib.contextmanager
+def restoring(model: nn.Module, *, values: bool = True) -> Iterator[None]:
+    """Restore every module's train/eval mode on exit; with ``values`` also the parameters'
+    values and ``.grad`` fields (a clone of every parameter is held meanwhile)."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = (
+        [(p, p.detach().clone(), p.grad) for p in model.parameters()] if values else []
+    )
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value, grad in saved:
+                p.copy_(value)
+                p.grad = grad
+        for m, mode in modes:
+            m.training = mode

@@ -1,0 +1,120 @@
+"""The one codec every sparsetune file shares: a versioned header and a parameter table.
+
+Each file is a safetensors file whose string metadata holds ``format_version``, ``kind`` and
+``parameters``: a JSON list of ``[name, shape, encoding]`` rows, one per parameter, in order.
+The encoding says which tensors the row owns (``"idx"``: flat indices ``idx:<name>``, int32
+below 2^31 entries else int64; ``"bits"``: packed bits; ``"dense"``: every entry). Reading is
+strict: the tensors present must be exactly those the table (and the kind's fixed tensors) name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from ..errors import FileFormatError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Row",
+    "check_indices",
+    "decode_table",
+    "encode_table",
+    "index_dtype",
+    "json_field",
+    "read_kind",
+    "read_metadata",
+    "read_tensors",
+]
+
+FORMAT_VERSION = "1"
+
+Row = tuple[str, tuple[int, ...], str]
+"""One parameter-table row: (name, shape, encoding)."""
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 for a tensor of fewer than 2^31 entries, else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def encode_table(rows: Iterable[Row]) -> str:
+    """The ``parameters`` metadata value for ``rows``."""
+    return json.dumps([[name, [int(d) for d in shape], enc] for name, shape, enc in rows])
+
+
+def decode_table(path: str | os.PathLike, metadata: Mapping[str, str]) -> list[Row]:
+    """The rows of ``metadata["parameters"]``; damaged metadata raises :class:`FileFormatError`."""
+    rows = json_field(path, metadata, "parameters")
+    try:
+        return [(str(name), tuple(int(d) for d in shape), str(enc)) for name, shape, enc in rows]
+    except (TypeError, ValueError) as exc:
+        raise FileFormatError(f"{path}: damaged metadata ({exc})") from exc
+
+
+def json_field(path: str | os.PathLike, metadata: Mapping[str, str], key: str,
+               default: str | None = None) -> object:
+    """``json.loads(metadata[key])`` (``default`` when absent and given), else FileFormatError."""
+    try:
+        text = metadata[key] if default is None else metadata.get(key, default)
+        return json.loads(text)
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise FileFormatError(f"{path}: damaged metadata ({exc})") from exc
+
+
+def read_kind(path: str | os.PathLike) -> str | None:
+    """The ``kind`` a safetensors file declares (None when it declares none)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("kind")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def read_metadata(path: str | os.PathLike, kind: str) -> dict[str, str]:
+    """The metadata of a sparsetune file, after checking its kind and version."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if metadata.get("kind") != kind:
+        raise FileFormatError(
+            f"{path}: expected a sparsetune {kind} file, found kind={metadata.get('kind')!r}"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise FileFormatError(
+            f"{path}: format_version {metadata.get('format_version')!r} is not supported "
+            f"(this sparsetune reads version {FORMAT_VERSION})"
+        )
+    return metadata
+
+
+def read_tensors(path: str | os.PathLike, expected: set[str]) -> dict[str, Tensor]:
+    """Every tensor of the file, after checking that its keys are exactly ``expected``."""
+    with safe_open(str(path), framework="pt") as f:
+        present = set(f.keys())
+        if present != expected:
+            raise FileFormatError(
+                f"{path}: tensors do not match the listed parameters; missing "
+                f"{sorted(expected - present)}, unexpected {sorted(present - expected)}"
+            )
+        return {key: f.get_tensor(key) for key in sorted(present)}
+
+
+def check_indices(index: Tensor | None, shape: tuple[int, ...]) -> bool:
+    """Whether every flat index lies in a tensor of ``shape`` (None: every entry, always true)."""
+    numel = math.prod(shape)
+    return index is None or not index.numel() or (
+        int(index.min()) >= 0 and int(index.max()) < numel
+    )
