@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         spec = quality.RunSpec(args.task, method,
                                quality.density_for(method, protocol.density), args.seed, 1e-3)
         tick = time.perf_counter()
-        setup = quality.RECIPES[method].build(runner._context(spec), 1e-3)
+        setup = quality.RECIPES[method].build(runner.context(spec), 1e-3)
         seconds[method] = time.perf_counter() - tick
         masks[method] = setup.mask
         print(f"  {method}: {setup.mask.num_selected:,} entries ({seconds[method]:.0f} s)",

@@ -55,7 +55,7 @@ import torch
 
 import sparsetune
 from sparsetune import Mask, MaskedOptimizer, SparseAdamW, optimizer_state_nbytes
-from sparsetune.optim.sparse_gradients import _PLANS, compact_parameters
+from sparsetune.sparse_grad import compact_parameters, plan_of
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
@@ -236,7 +236,7 @@ def compact_twin_optimizer(
         grad = source[name].grad
         if name in plans:
             values = grad.reshape(-1)[torch.nonzero(mask[name].reshape(-1)).squeeze(1)]
-            p.grad = _PLANS[p].sparse(values.clone())
+            p.grad = plan_of(p).sparse(values.clone())
         elif p.requires_grad:
             p.grad = grad.detach().clone()
     return SparseAdamW(twin, mask, lr=args.lr, weight_decay=args.weight_decay)

@@ -89,9 +89,9 @@ from tqdm.auto import tqdm
 import sparsetune
 from benchmarks._common import environment, write_json
 from sparsetune import Mask, SparseAdamW, data, optimizer_state_nbytes, select
-from sparsetune._loss import cycle as _cycle
+from sparsetune._loss import cycle
 from sparsetune.bounds import effective_curvature, estimate_constants, stability_bound
-from sparsetune.demo import _warmup_then_decay
+from sparsetune.demo import first, warmup_then_decay
 from sparsetune.errors import InvalidArgumentError, StateMismatchError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -317,9 +317,9 @@ def _sam_probe(ctx: RunContext, lr: float) -> Setup:
     differs from ``sam``'s. The warm-up and the scores read the same first batches (a list)."""
 
     def choose() -> Mask:
-        first = list(itertools.islice(copy.copy(ctx.select_data), ctx.select_batches))
-        return select(ctx.model, "sam", ctx.density, data=first, seed=ctx.seed,
-                      always_train=ctx.head, head_warmup_steps=len(first),
+        read = list(itertools.islice(copy.copy(ctx.select_data), ctx.select_batches))
+        return select(ctx.model, "sam", ctx.density, data=read, seed=ctx.seed,
+                      always_train=ctx.head, head_warmup_steps=len(read),
                       head_warmup_lr=PROBE_LR, progress=ctx.progress)
 
     mask, seconds = ctx.cached_mask("sam_probe", choose)
@@ -418,9 +418,9 @@ def train(setup: Setup, batches: data.Batches, steps: int, seed: int, progress: 
 
     Returns the loss of every step and whether training stopped on a non-finite loss.
     """
-    factor = _warmup_then_decay(steps)
+    factor = warmup_then_decay(steps)
     peaks = [[g["lr"] for g in opt.param_groups] for opt in setup.optimizers]
-    model, stream, losses = setup.model, _cycle(batches), []
+    model, stream, losses = setup.model, cycle(batches), []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same dropout draws for every method
         model.train()
@@ -465,10 +465,6 @@ def measure(model: nn.Module, batches: data.Batches, metric: str) -> dict[str, f
 
 # =============================================================================================
 # The runner: loads tasks and models once, runs what is missing, writes one JSON per run
-
-
-def _first(split: data.Split, n: int) -> data.Split:
-    return data.Split(split.texts[:n], split.labels[:n])
 
 
 def _alive(pid: int) -> bool:
@@ -554,7 +550,7 @@ class Runner:
 
     def train_split(self, spec: RunSpec) -> data.Split:
         split = self.task(spec.task).train
-        return _first(split, self.protocol.sweep_train_examples) if spec.sweep else split
+        return first(split, self.protocol.sweep_train_examples) if spec.sweep else split
 
     def run(self, spec: RunSpec) -> dict[str, Any] | None:
         """The run's record: read from its file, or trained now (None if it failed)."""
@@ -583,7 +579,7 @@ class Runner:
               f"{record['test']['score']:.4f} ({record['seconds']['total']:.0f} s)", flush=True)
         return record
 
-    def _context(self, spec: RunSpec) -> RunContext:
+    def context(self, spec: RunSpec) -> RunContext:
         task = self.task(spec.task)
         base, tokenizer = self.base(task.num_labels, spec.seed)
 
@@ -626,11 +622,11 @@ class Runner:
             return json.loads(path.read_text())
         try:
             tick = time.perf_counter()
-            setup = RECIPES[spec.method].build(self._context(spec), spec.lr)
+            setup = RECIPES[spec.method].build(self.context(spec), spec.lr)
             task = self.task(spec.task)
             eager, tokenizer = self.base(task.num_labels, spec.seed, "eager")
             sample = data.batches(
-                _first(self.train_split(spec), self.bound_examples), tokenizer,
+                first(self.train_split(spec), self.bound_examples), tokenizer,
                 batch_size=self.protocol.batch_size, max_length=self.protocol.max_length,
             )
             constants = estimate_constants(eager, None, sample, setup.mask, tol=1e-2,
@@ -658,7 +654,7 @@ class Runner:
             return data.batches(split, tokenizer, batch_size=size, max_length=proto.max_length,
                                 shuffle=shuffle, seed=seed)
 
-        ctx = self._context(spec)
+        ctx = self.context(spec)
         # By identity: a recipe may wrap the model (peft renames) or write into it (Mixout).
         initial = {id(p): p.detach().clone() for p in ctx.model.parameters()}
         setup = RECIPES[spec.method].build(ctx, spec.lr)
@@ -674,9 +670,9 @@ class Runner:
         train_seconds = time.perf_counter() - tick
         tick = time.perf_counter()
         evaluated = {
-            "validation": measure(setup.model, batches(_first(task.validation,
+            "validation": measure(setup.model, batches(first(task.validation,
                                   proto.validation_examples)), task.metric),
-            "test": measure(setup.model, batches(_first(task.test, proto.test_examples)),
+            "test": measure(setup.model, batches(first(task.test, proto.test_examples)),
                             task.metric),
         }
         if spec.sweep:  # the whole (capped) training sample: the empirical risk of E4

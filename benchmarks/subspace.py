@@ -42,7 +42,7 @@ import torch
 import sparsetune as st
 from sparsetune import data, demo
 from sparsetune.files import atomic_write
-from sparsetune.select import method_info
+from sparsetune.select import method_info, method_spec
 from sparsetune.subspace import FIT_METHODS, Subspace
 
 __all__ = ["main"]
@@ -139,7 +139,7 @@ class _Task:
         self.base, self.tokenizer = _base_model(self.data.num_labels, args.quick)
         self.base_state = {n: p.detach().clone() for n, p in self.base.named_parameters()}
         self.work = copy.deepcopy(self.base)
-        first = demo._first
+        first = demo.first
         self.validation = self.batches(first(self.data.validation, args.validation_examples))
         self.test = self.batches(first(self.data.test, args.test_examples))
         self.landscape_data = list(
@@ -173,7 +173,7 @@ def _train_solution(task: _Task, method: str, seed: int) -> tuple[st.SparseDelta
     progress = args.progress
     head = data.HEAD_PARAMETERS
     if method == "full":
-        demo._fine_tune(model, None, task.train_batches(seed), args.steps, lr, seed,
+        demo.fine_tune(model, None, task.train_batches(seed), args.steps, lr, seed,
                         f"{method} {seed}", progress)
         mask = st.Mask.full(task.base)
     elif method == "lora":
@@ -182,7 +182,7 @@ def _train_solution(task: _Task, method: str, seed: int) -> tuple[st.SparseDelta
         config = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                             target_modules=["query", "value"])
         wrapped = get_peft_model(model, config)
-        demo._fine_tune(wrapped, None, task.train_batches(seed), args.steps, lr, seed,
+        demo.fine_tune(wrapped, None, task.train_batches(seed), args.steps, lr, seed,
                         f"{method} {seed}", progress)
         model = wrapped.merge_and_unload()
         changed = {n: p.detach() != task.base_state[n] for n, p in model.named_parameters()}
@@ -190,13 +190,12 @@ def _train_solution(task: _Task, method: str, seed: int) -> tuple[st.SparseDelta
     else:
         options: dict[str, Any] = {}
         if method_info(method).needs_data:
-            key = "steps" if method in ("lt_sft", "diff_pruning") else "num_batches"
-            options = {key: args.select_batches, "progress": progress,
+            options = {method_spec(method).count_option: args.select_batches, "progress": progress,
                        "data": task.train_batches(seed + 1)}
         density = None if method == "bitfit" else args.density
         mask = st.select(task.base, method, density, scope="global", seed=seed,
                          always_train=head, **options)
-        demo._fine_tune(model, mask, task.train_batches(seed), args.steps, lr, seed,
+        demo.fine_tune(model, mask, task.train_batches(seed), args.steps, lr, seed,
                         f"{method} {seed}", progress)
     train_seconds = time.perf_counter() - tick
     delta = st.SparseDelta.extract(model, task.base_state, mask, method=method)

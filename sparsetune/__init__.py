@@ -25,13 +25,11 @@ from .optim import (
     MaskedOptimizer,
     Mixout,
     SparseAdamW,
-    SparseGradientFallbackWarning,
-    SparseGradients,
     SparseSGD,
     optimizer_state_nbytes,
-    prepare,
 )
 from .select import METHODS, select, select_for_task
+from .sparse_grad import SparseGradientFallbackWarning, SparseGradients, prepare
 
 try:
     __version__ = version("sparsetune")

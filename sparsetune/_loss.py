@@ -65,19 +65,15 @@ class LossModule(nn.Module):
 
 def check_scalar_loss(value: Any) -> Tensor:
     """Return ``value`` if it is a 0-dim floating-point tensor, else raise."""
+    expected = "loss_fn(model, batch) must return a scalar floating-point tensor (0-dim), got"
     if not isinstance(value, Tensor):
-        raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a scalar tensor, got {type(value).__name__}"
-        )
+        raise InvalidArgumentError(f"{expected} {type(value).__name__}")
     if value.dim() != 0:
         raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a scalar (0-dim) tensor, got shape "
-            f"{tuple(value.shape)}; reduce it over the batch (.mean() or .sum())"
+            f"{expected} shape {tuple(value.shape)}; reduce it over the batch (.mean() or .sum())"
         )
     if not value.is_floating_point():
-        raise InvalidArgumentError(
-            f"loss_fn(model, batch) must return a floating-point tensor, got {value.dtype}"
-        )
+        raise InvalidArgumentError(f"{expected} {value.dtype}")
     return value
 
 

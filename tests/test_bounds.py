@@ -187,7 +187,7 @@ def test_constants_match_brute_force(make_mlp, make_mask):
 def test_lanczos_path_agrees_with_dense_path(make_mlp, make_mask, monkeypatch):
     model, data, mask = _problem(make_mlp, make_mask)
     dense = estimate_constants(model, _ce, data, mask)
-    monkeypatch.setattr(bounds, "DENSE_MAX_COORDINATES", 0)
+    monkeypatch.setattr(bounds.constants, "DENSE_MAX_COORDINATES", 0)
     lanczos = estimate_constants(model, _ce, data, mask)
     assert lanczos.lambda_min == pytest.approx(dense.lambda_min, rel=1e-6, abs=1e-9)
     assert lanczos.lambda_max == pytest.approx(dense.lambda_max, rel=1e-6)
@@ -368,7 +368,8 @@ def test_a_verdict_within_the_eigenvalue_uncertainty_is_flagged():
 def test_docstring_examples():
     import doctest
 
-    assert doctest.testmod(bounds, raise_on_error=False).failed == 0
+    for module in (bounds, bounds.formulas, bounds.constants, bounds.report):
+        assert doctest.testmod(module, raise_on_error=False).failed == 0
 
 
 def test_report_says_no_bound_at_any_density_when_lambda_min_is_below_minus_two_lam():

@@ -94,7 +94,7 @@ def tiny_bert_and_tokenizer():
 @pytest.mark.parametrize("metric", ["accuracy", "f1"])
 def test_measure_agrees_with_data_evaluate_and_the_model_loss(tiny_bert_and_tokenizer, metric):
     model, tokenizer = tiny_bert_and_tokenizer
-    split = quality._first(data.load_task("sms_spam").test, 70)  # batches of 32, 32, 6
+    split = quality.first(data.load_task("sms_spam").test, 70)  # batches of 32, 32, 6
     batches = data.batches(split, tokenizer, batch_size=32, max_length=16)
     measured = quality.measure(model, batches, metric)
     assert measured["score"] == pytest.approx(data.evaluate(model, batches, metric), abs=1e-12)
@@ -220,7 +220,7 @@ def test_sam_per_tensor_keeps_p_of_every_tensor_and_does_not_share_sams_cached_m
     masks = {}
     for method in ("sam", "sam_per_tensor"):
         spec = quality.RunSpec("rotten_tomatoes", method, 0.05, 0, 1e-3)
-        masks[method] = quality.RECIPES[method].build(runner._context(spec), 1e-3).mask
+        masks[method] = quality.RECIPES[method].build(runner.context(spec), 1e-3).mask
     per_tensor, global_ = masks["sam_per_tensor"], masks["sam"]
     for name, row in per_tensor.per_parameter().items():
         if not row.always_train:
@@ -294,13 +294,13 @@ def test_the_sweep_plot_draws_points_without_a_bound(tmp_path):
 def test_sam_probe_scores_after_a_head_only_warm_up_and_trains_from_the_same_start(tmp_path):
     runner = quality.Runner(quality.QUICK, tmp_path)
     spec = quality.RunSpec("rotten_tomatoes", "sam_probe", 0.05, 0, 1e-3)
-    ctx = runner._context(spec)
+    ctx = runner.context(spec)
     start = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
     setup = quality.RECIPES["sam_probe"].build(ctx, 1e-3)
     # The warm-up leaves the model as found: training starts from theta0 and the initial head.
     for n, p in setup.model.named_parameters():
         assert torch.equal(p, start[n]), n
-    sam = quality.RECIPES["sam"].build(runner._context(dataclasses.replace(spec, method="sam")),
+    sam = quality.RECIPES["sam"].build(runner.context(dataclasses.replace(spec, method="sam")),
                                        1e-3).mask
     assert setup.mask.num_selected == sam.num_selected
     assert setup.mask.digest() != sam.digest()  # the trained head changes g

@@ -238,8 +238,8 @@ def test_frozen_entries_untouched_under_amp_clipping_and_schedulers(
     assert opt.state[model.fc2.weight]["step"] == 10
 
 
-# -- foreach vs for-loop ----------------------------------------------------------------------
-FOREACH_CASES = [
+# -- the implementations of the step: flat, foreach, forloop ---------------------------------
+IMPL_CASES = [
     (SparseAdamW, dict(lr=0.03, weight_decay=0.2)),
     (SparseAdamW, dict(lr=0.03, weight_decay=0.2, amsgrad=True, maximize=True)),
     (SparseAdamW, dict(lr=0.03, weight_decay=0.2, decay_to="init")),
@@ -249,12 +249,21 @@ FOREACH_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("cls", "hyper"), FOREACH_CASES)
-def test_foreach_equals_for_loop(cls, hyper, make_mlp, make_mask, make_batches):
+@pytest.mark.parametrize(
+    ("cls", "hyper", "impl"),
+    [(cls, hyper, impl) for cls, hyper in IMPL_CASES for impl in ("flat", "foreach", "forloop")],
+)
+def test_every_impl_equals_the_for_loop(cls, hyper, impl, make_mlp, make_mask, make_batches):
+    """The same seeded float64 model, 20 steps with a None gradient, a layer frozen for a while
+    and a 0-dim parameter: every parameter and state tensor equals the for-loop reference."""
     a = make_mlp(seed=3, scalar=True)
     b = copy.deepcopy(a)
     mask = make_mask(a, density=0.5, seed=4, frozen=[FROZEN], full=[FULL])
-    fast, slow = cls(a, mask, **hyper, foreach=True), cls(b, mask, **hyper, foreach=False)
+    if impl not in cls.impls:  # SparseSGD has no flat implementation: refused, by name
+        with pytest.raises(st.InvalidArgumentError, match=rf"impl must be one of.*got '{impl}'"):
+            cls(a, mask, **hyper, impl=impl)
+        return
+    fast, slow = cls(a, mask, **hyper, impl=impl), cls(b, mask, **hyper, impl="forloop")
     for step, (x, y) in enumerate(make_batches(20, seed=5)):
         for m, o in ((a, fast), (b, slow)):
             o.zero_grad()
@@ -266,6 +275,7 @@ def test_foreach_equals_for_loop(cls, hyper, make_mlp, make_mask, make_batches):
             o.step()
         assert_params_close(a, b, atol=1e-12, where=f"step {step}: ")
 
+    assert bool(fast._flats) == (impl == "flat"), "the flat path ran exactly when asked for"
     for pa, pb in zip(a.parameters(), b.parameters()):
         sa, sb = fast.state.get(pa, {}), slow.state.get(pb, {})
         assert sa.keys() == sb.keys()
@@ -275,6 +285,38 @@ def test_foreach_equals_for_loop(cls, hyper, make_mlp, make_mask, make_batches):
             else:
                 assert sa[key] == sb[key], key
     assert len(fast.state) == sum(bool(mask[n].any()) for n, _ in a.named_parameters())
+
+
+def test_impl_is_checked_and_foreach_maps_to_it(make_mlp, make_mask):
+    model = make_mlp(seed=3)
+    mask = make_mask(model, density=0.5, seed=4)
+
+    def impl(opt):
+        (value,) = {group["impl"] for group in opt.param_groups}
+        return value
+
+    assert impl(SparseAdamW(model, mask)) == impl(SparseAdamW(model, mask, foreach=True)) == "flat"
+    assert impl(SparseSGD(model, mask)) == impl(SparseSGD(model, mask, foreach=True)) == "foreach"
+    assert impl(SparseAdamW(model, mask, foreach=False)) == "forloop"
+    assert impl(SparseSGD(model, mask, impl="forloop", foreach=False)) == "forloop"
+    groups = [{"params": list(model.named_parameters()), "foreach": False}]
+    assert impl(SparseAdamW(groups, mask)) == "forloop"
+    with pytest.raises(
+        st.InvalidArgumentError,
+        match=r"SparseAdamW: impl must be one of \['flat', 'foreach', 'forloop'\].*got 'fast'",
+    ):
+        SparseAdamW(model, mask, impl="fast")
+    with pytest.raises(st.InvalidArgumentError, match="impl='flat' contradicts foreach=False"):
+        SparseAdamW(model, mask, impl="flat", foreach=False)
+    # a state saved before impl existed names the step by foreach in its groups
+    opt = SparseAdamW(model, mask)
+    saved = opt.state_dict()
+    saved["param_groups"] = [
+        {**{k: v for k, v in g.items() if k != "impl"}, "foreach": False}
+        for g in saved["param_groups"]
+    ]
+    opt.load_state_dict(saved)
+    assert impl(opt) == "forloop" and "foreach" not in opt.param_groups[0]
 
 
 # -- decay_to ---------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from torch import nn
 
 import sparsetune as st
 from sparsetune import Mask, MaskedOptimizer, SparseAdamW, SparseSGD
-from sparsetune.optim._selection import Selection
-from sparsetune.optim.sparse_gradients import _PLANS, LINEAR_PRODUCTS, selected_gradient
+from sparsetune.optim import Selection
+from sparsetune.sparse_grad import LINEAR_PRODUCTS, plan_of, selected_gradient
 
 TOL = 1e-12
 
@@ -65,7 +65,7 @@ def assert_selected_gradients_match(model: nn.Module, mask: Mask, expected: dict
         if name not in expected:
             assert p.grad is None, f"{name}: a parameter with no selected entry got a gradient"
             continue
-        got = selected_gradient(p, Selection(mask[name], p.device))
+        got = selected_gradient(p, Selection(mask[name], p.device).index)
         torch.testing.assert_close(got, expected[name], atol=TOL, rtol=0, msg=name)
 
 
@@ -163,9 +163,9 @@ def test_blocks_product_gathers_only_the_touched_rows_and_columns(
     expected = dense_selected_gradients(layer, mask, lambda m: (m(x) * upstream).sum())
     with st.prepare(layer, mask):
         (layer(x) * upstream).sum().backward()
-        plan = _PLANS[layer.weight]
+        plan = plan_of(layer.weight)
         assert plan.linear_product == "blocks"
-        kept_rows, kept_cols, _ = plan._block_layout()
+        kept_rows, kept_cols, _ = plan.block_layout()
         assert (kept_rows is not None) == expect_rows and (kept_cols is not None) == expect_cols
         assert_selected_gradients_match(layer, mask, expected)
 
@@ -180,7 +180,7 @@ def test_automatic_choice_takes_the_sampled_product_for_a_wide_sparse_layer():
         bits = torch.rand(1536, 384, generator=gen) < density
         mask = Mask.from_dict({"weight": bits, "bias": torch.zeros(1536, dtype=torch.bool)})
         with st.prepare(layer, mask):
-            chosen[density] = _PLANS[layer.weight].linear_product
+            chosen[density] = plan_of(layer.weight).linear_product
     assert chosen == {0.005: "sampled", 0.3: "blocks"}
     with pytest.raises(st.errors.InvalidArgumentError, match="linear_product must be one of"):
         st.prepare(layer, mask, linear_product="fast")

@@ -56,36 +56,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .. import bounds, data
-    from ..delta import SparseDelta
-    from ..errors import InvalidArgumentError
-    from ..mask import Mask
+    from ..workflows import diagnose_for_task
 
-    if args.num_examples < 1:
-        raise InvalidArgumentError(f"--num-examples must be >= 1, got {args.num_examples}")
-    if args.data.startswith("csv:"):
-        task = data.load_csv_task(args.data[4:], seed=args.seed)
-    elif args.data in data.TASKS:
-        task = data.load_task(args.data, seed=args.seed)
-    else:
-        raise InvalidArgumentError(
-            f"--data must be csv:FILE or one of {', '.join(data.TASKS)}, got {args.data!r}"
-        )
-    path = None if args.model == "embedded" else args.model
-    model, tokenizer = data.load_pretrained(path, num_labels=task.num_labels, seed=args.seed,
-                                            attn_implementation="eager")
-    if tokenizer is None:
-        raise InvalidArgumentError(f"--model {args.model!r} has no tokenizer files")
-    if args.delta:
-        SparseDelta.load(args.delta).apply_to(model)
-    mask = Mask.load(args.mask, model=model)
-    k = min(args.num_examples, len(task.train))
-    sample = data.Split(task.train.texts[:k], task.train.labels[:k])
-    report = bounds.diagnose(
-        model, None, data.batches(sample, tokenizer, batch_size=args.batch_size,
-                                  max_length=args.max_length),
-        mask, n=args.n or len(task.train), lam=args.lam, delta=args.failure_probability,
-        tol=args.tol, progress=not args.no_progress,
+    report = diagnose_for_task(
+        args.data, args.mask, model=None if args.model == "embedded" else args.model,
+        delta=args.delta, num_examples=args.num_examples, n=args.n, lam=args.lam,
+        failure_probability=args.failure_probability, tol=args.tol,
+        max_length=args.max_length, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.no_progress,
     )
     print(report)
     if args.json:

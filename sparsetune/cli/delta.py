@@ -56,8 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..delta import SparseDelta, merge_deltas
-    from ..workflows import apply_to_pretrained, extract_from_pretrained
+    from ..workflows import apply_to_pretrained, extract_from_pretrained, merge_delta_files
 
     if args.action == "extract":
         delta = extract_from_pretrained(args.base, args.tuned, args.mask, seed=args.seed,
@@ -67,5 +66,5 @@ def run(args: argparse.Namespace) -> None:
         print(f"{apply_to_pretrained(args.base, args.delta, args.output, scale=args.scale)}: "
               f"tuned model saved")
     else:
-        merged = merge_deltas([SparseDelta.load(p) for p in args.deltas], policy=args.policy)
-        print(f"{merged.save(args.output)}: {merged!r}")
+        path, merged = merge_delta_files(args.deltas, args.output, policy=args.policy)
+        print(f"{path}: {merged!r}")

@@ -73,14 +73,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..select import select_for_task
+    from ..workflows import save_mask_for_task
 
-    mask, model = select_for_task(
-        args.method, args.density, model=args.model, data=args.data, scope=args.scope,
-        seed=args.seed, num_batches=args.num_batches, batch_size=args.batch_size,
-        max_length=args.max_length, max_examples=args.max_examples, num_labels=args.num_labels,
-        always_train=args.always_train, targets=args.targets, progress=not args.no_progress,
-        options=dict(args.option),
+    path, mask = save_mask_for_task(
+        args.output, args.method, args.density, model=args.model, data=args.data,
+        scope=args.scope, seed=args.seed, num_batches=args.num_batches,
+        batch_size=args.batch_size, max_length=args.max_length, max_examples=args.max_examples,
+        num_labels=args.num_labels, always_train=args.always_train, targets=args.targets,
+        progress=not args.no_progress, options=dict(args.option),
     )
-    path = mask.save(args.output, method=args.method, model=model)
     print(f"{path}: {mask!r}")

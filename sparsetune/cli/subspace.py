@@ -62,65 +62,25 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     landscape.add_argument("--output", required=True, help="PNG file to write")
 
 
-def _mask(path: str | None):
-    if path is None:
-        return None
-    from safetensors import safe_open
-
-    from ..delta import SparseDelta
-    from ..files import load_mask
-
-    with safe_open(path, framework="pt") as f:
-        kind = (f.metadata() or {}).get("kind")
-    return SparseDelta.load(path) if kind == "delta" else load_mask(path)
-
-
-def _loss(model, batch):
-    return model(**batch).loss
-
-
 def run(args: argparse.Namespace) -> None:
-    from .. import data
-    from ..delta import SparseDelta
-    from ..subspace import Subspace, fit
+    from ..workflows import fit_subspace_files, subspace_landscape, train_in_subspace
 
     if args.action == "fit":
-        deltas = [SparseDelta.load(p) for p in args.deltas]
-        space = fit(deltas, args.dim, method=args.method, labels=args.labels)
-        path = space.save(args.output)
+        space, path = fit_subspace_files(args.deltas, args.dim, args.output, method=args.method,
+                                         labels=args.labels)
         print(space.summary())
         print(f"wrote {path}")
         return
-    space = Subspace.load(args.subspace)
-    mask = _mask(args.mask)
-    task = data.load_task(args.task, max_examples=args.max_examples)
-    model, tokenizer = data.load_model(task.num_labels, seed=args.model_seed,
-                                       attn_implementation="sdpa")
-
-    def batches(split, shuffle):
-        return data.batches(split, tokenizer, batch_size=args.batch_size,
-                            max_length=args.max_length, shuffle=shuffle)
-
+    common = dict(task=args.task, model_seed=args.model_seed, max_examples=args.max_examples,
+                  batch_size=args.batch_size, max_length=args.max_length, mask=args.mask,
+                  progress=not args.no_progress)
     if args.action == "train":
-        model.train()
-        result = space.train(model, _loss, batches(task.train, True), steps=args.steps,
-                             lr=args.lr, mask=mask, progress=not args.no_progress)
-        model.eval()
-        coords = " ".join(f"{float(c):+.4g}" for c in result.z)
-        print(f"z = [{coords}]; training loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-        tuned = space.decode(result.z, model, mask, method="subspace")
-        score = data.evaluate(tuned.apply_to(model), batches(task.test, False), task.metric)
-        print(f"test {task.metric}: {score:.4f}")
-        if args.output:
-            print(f"wrote {tuned.save(args.output)}")
+        report = train_in_subspace(args.subspace, steps=args.steps, lr=args.lr,
+                                   output=args.output, **common)
+        print(report.summary())
         return
-    sample = data.Split(task.validation.texts[: args.examples],
-                        task.validation.labels[: args.examples])
-    result = space.landscape(
-        model, _loss, batches(sample, False), grid=args.grid, axes=tuple(args.axes), mask=mask,
-        path=args.output, title=f"{args.task}: validation loss", progress=not args.no_progress,
-    )
-    low = float(result.values.min())
-    print(f"loss on the {args.grid}x{args.grid} grid: min {low:.4f}, "
+    result = subspace_landscape(args.subspace, args.output, grid=args.grid,
+                                axes=tuple(args.axes), examples=args.examples, **common)
+    print(f"loss on the {args.grid}x{args.grid} grid: min {float(result.values.min()):.4f}, "
           f"max {float(result.values.max()):.4f}")
     print(f"wrote {args.output}")

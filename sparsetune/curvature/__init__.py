@@ -36,9 +36,9 @@ from .objective import (
     Params,
     check_finite,
     evaluating,
-    hvp,
     resolve_coordinates,
 )
+from .operator import hvp
 from .output_loss import OutputLoss
 from .spectrum import extreme_eigenvalues
 

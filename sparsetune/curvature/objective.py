@@ -15,6 +15,7 @@ quantity in this package is of that sum (divide by the number of batches for the
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from .._loss import LossFn, LossModule, batches, check_scalar_loss, restoring
+from .._loss import LossFn, LossModule, check_scalar_loss, restoring
 from ..errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 
@@ -43,6 +44,15 @@ class Coordinates:
     names: tuple[str, ...]
     shapes: dict[str, torch.Size]
     masks: dict[str, Tensor | None]
+
+    @functools.cached_property
+    def indices(self) -> dict[str, Tensor | None]:
+        """Flat indices of the selected entries of each parameter, in :meth:`flatten` order
+        (None: every entry), on the parameter's device; computed once."""
+        return {
+            n: None if m is None else torch.nonzero(m.reshape(-1)).squeeze(1)
+            for n, m in self.masks.items()
+        }
 
     @property
     def count(self) -> int:
@@ -281,39 +291,3 @@ def probe_chunks(count: int, chunk_size: int) -> Iterator[int]:
     """Sizes of consecutive chunks covering ``count`` items."""
     for start in range(0, count, chunk_size):
         yield min(chunk_size, count - start)
-
-
-# -- public helper -------------------------------------------------------------------------------
-def hvp(
-    model: nn.Module,
-    loss_fn: LossFn,
-    data: Iterable[Any],
-    vector: Mapping[str, Tensor],
-    *,
-    progress: bool = False,
-) -> dict[str, Tensor]:
-    """Hessian-vector product H v of the total loss L = sum_b loss_fn(model, batch_b).
-
-    ``vector`` maps parameter names to tensors of their shapes; the Hessian is taken with respect
-    to those parameters only (the others are held fixed), so the result has the same keys and
-    shapes. Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``), in eval mode (the
-    model's modes are restored). The model is not modified.
-    """
-    coords = resolve_coordinates(model, list(vector), argname="vector")
-    for n in coords.names:
-        v, shape = vector[n], coords.shapes[n]
-        if not isinstance(v, Tensor) or v.shape != shape:
-            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-            raise InvalidArgumentError(
-                f"vector['{n}'] must be a tensor of the parameter's shape {tuple(shape)}, "
-                f"got {got}"
-            )
-    objective = Objective(model, loss_fn, coords.names)
-    tangents = {n: vector[n].to(objective.primals[n]) for n in coords.names}
-    total = {n: torch.zeros_like(p) for n, p in objective.primals.items()}
-    with evaluating(model):
-        for batch in batches(data, "Hessian-vector product", progress, needed_by="curvature"):
-            for n, hv in objective.hvp(batch, tangents).items():
-                total[n].add_(hv)
-    check_finite(total, "the Hessian-vector product")
-    return total

@@ -25,6 +25,13 @@ from torch import Tensor, nn
 from .._loss import batches
 from ..errors import InvalidArgumentError
 from .objective import Coordinates, Objective, chunk_for
+from .per_example import (
+    is_vmap_data_dependence,
+    map_per_example,
+    per_example_dims,
+    plain,
+    slice_examples,
+)
 
 __all__ = ["IGNORE_INDEX", "LOSSES", "REDUCTIONS", "OutputLoss"]
 
@@ -158,47 +165,6 @@ Cotangents = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 NoiseFn = Callable[[Tensor, torch.Generator], Tensor]
 
 
-def _rebuild(like: Any, items: list[Any]) -> Any:
-    """A list, tuple or namedtuple of the same type as ``like`` holding ``items``."""
-    if isinstance(like, list):
-        return items
-    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
-
-
-def _plain(batch: Any) -> Any:
-    """Mappings (e.g. transformers' BatchEncoding) as dicts, so vmap can walk the batch."""
-    if isinstance(batch, Mapping):
-        return {k: _plain(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return _rebuild(batch, [_plain(v) for v in batch])
-    return batch
-
-
-def _per_example_dims(batch: Any, n: int) -> Any:
-    """in_dims for vmap over examples: 0 for tensors with dim 0 of size n, None otherwise."""
-    if isinstance(batch, Tensor):
-        return 0 if batch.dim() > 0 and batch.shape[0] == n else None
-    if isinstance(batch, Mapping):
-        return {k: _per_example_dims(v, n) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return _rebuild(batch, [_per_example_dims(v, n) for v in batch])
-    return None
-
-
-def _map_per_example(fn: Callable[[Tensor], Tensor], batch: Any, dims: Any) -> Any:
-    """Apply ``fn`` to the per-example tensors (dims == 0) of ``batch``; keep the rest."""
-    if isinstance(batch, Mapping):
-        return {k: _map_per_example(fn, v, dims[k]) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return _rebuild(batch, [_map_per_example(fn, v, d) for v, d in zip(batch, dims)])
-    return fn(batch) if dims == 0 else batch
-
-
-def _is_vmap_data_dependence(error: RuntimeError) -> bool:
-    text = str(error)
-    return "vmap" in text and ("data-dependent" in text or ".item()" in text)
-
-
 def squared_vjps(
     objective: Objective,
     spec: OutputLoss,
@@ -216,7 +182,7 @@ def squared_vjps(
     examples, and is then run one example at a time (``state["loop"]`` remembers it). The K
     cotangents of an example share its forward pass (vmap over the pullback).
     """
-    batch = _plain(batch)
+    batch = plain(batch)
     targets = spec.targets_fn(batch)
     if not isinstance(targets, Tensor) or targets.dim() == 0:
         raise InvalidArgumentError(
@@ -225,7 +191,7 @@ def squared_vjps(
         )
     n = targets.shape[0]
     w = spec.weight(targets)
-    dims = _per_example_dims(batch, n)
+    dims = per_example_dims(batch, n)
     extra = noise(targets, generator) if noise is not None else targets.new_zeros((n, 1))
     primals = objective.primals
     out_shape: list[torch.Size] = []
@@ -250,14 +216,14 @@ def squared_vjps(
     while start < n:
         if state.get("loop"):
             stop = start + 1
-            example = _map_per_example(lambda t, a=start: t[a : a + 1], batch, dims)
+            example = slice_examples(batch, dims, start, stop)
             part = one(primals, example, targets[start:stop], extra[start:stop])
         else:
             stop = min(start + chunk, n)
-            sub = _map_per_example(lambda t, a=start, b=stop: t[a:b], batch, dims)
+            sub = slice_examples(batch, dims, start, stop)
 
             def vmapped(p: dict[str, Tensor], ex: Any, y: Tensor, e: Tensor) -> dict[str, Tensor]:
-                return one(p, _map_per_example(lambda t: t.unsqueeze(0), ex, dims),
+                return one(p, map_per_example(lambda t: t.unsqueeze(0), ex, dims),
                            y.unsqueeze(0), e.unsqueeze(0))
 
             try:
@@ -265,7 +231,7 @@ def squared_vjps(
                     primals, sub, targets[start:stop], extra[start:stop]
                 )
             except RuntimeError as error:
-                if not _is_vmap_data_dependence(error):
+                if not is_vmap_data_dependence(error):
                     raise
                 state["loop"] = True
                 continue

@@ -20,14 +20,8 @@ from tqdm.auto import tqdm
 
 from .._loss import materialize
 from ..errors import CurvatureError, InvalidArgumentError
-from .objective import (
-    LossFn,
-    Objective,
-    Params,
-    check_finite,
-    evaluating,
-    resolve_coordinates,
-)
+from .objective import LossFn, Objective, Params, evaluating, resolve_coordinates
+from .operator import dense_hessian, matvec
 
 __all__ = ["WHICH", "extreme_eigenvalues"]
 
@@ -86,23 +80,18 @@ def extreme_eigenvalues(
     with evaluating(model), tqdm(desc="Lanczos (Hessian-vector products)", unit="HVP",
                                  disable=not progress, leave=False) as bar:
 
-        def matvec(x: np.ndarray) -> np.ndarray:
+        def lanczos_matvec(x: np.ndarray) -> np.ndarray:
             flat = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-            vector = coords.unflatten(flat, primals)
-            total = {k: torch.zeros_like(p) for k, p in primals.items()}
-            for batch in batches:
-                for k, hv in objective.hvp(batch, vector).items():
-                    total[k].add_(hv)
-            check_finite(coords.restrict(total), "a Hessian-vector product")
+            product = matvec(objective, coords, batches, flat)
             bar.update(1)
-            return coords.flatten(total).to(device="cpu", dtype=torch.float64).numpy()
+            return product.to(device="cpu", dtype=torch.float64).numpy()
 
         if n <= DENSE_MAX:
-            dense = np.stack([matvec(e) for e in np.eye(n)], axis=1)
-            values = np.linalg.eigvalsh((dense + dense.T) / 2)
+            dense = dense_hessian(objective, coords, batches)
+            values = torch.linalg.eigvalsh((dense + dense.T) / 2)
             low, high = float(values[0]), float(values[-1])
         else:
-            op = LinearOperator((n, n), matvec=matvec, dtype=np.float64)
+            op = LinearOperator((n, n), matvec=lanczos_matvec, dtype=np.float64)
             v0 = np.random.default_rng(seed).standard_normal(n)
             k, mode = {"both": (2, "BE"), "min": (1, "SA"), "max": (1, "LA")}[which]
             try:

@@ -11,6 +11,7 @@ from .atomic import atomic_save_safetensors, atomic_write
 from .delta_file import load_delta, save_delta
 from .describe import describe_file
 from .mask_file import load_mask, model_fingerprint, save_mask
+from .subspace_file import load_subspace, save_subspace
 from .table import FORMAT_VERSION, read_metadata
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "describe_file",
     "load_delta",
     "load_mask",
+    "load_subspace",
     "model_fingerprint",
     "read_metadata",
     "save_delta",
     "save_mask",
+    "save_subspace",
 ]

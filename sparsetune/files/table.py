@@ -52,6 +52,8 @@ def encode_table(rows: Iterable[Row]) -> str:
 def decode_table(path: str | os.PathLike, metadata: Mapping[str, str]) -> list[Row]:
     """The rows of ``metadata["parameters"]``; damaged metadata raises :class:`FileFormatError`."""
     rows = json_field(path, metadata, "parameters")
+    if not isinstance(rows, list):
+        raise FileFormatError(f"{path}: damaged metadata (parameters is not a list)")
     try:
         return [(str(name), tuple(int(d) for d in shape), str(enc)) for name, shape, enc in rows]
     except (TypeError, ValueError) as exc:

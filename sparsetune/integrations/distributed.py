@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
-from ..optim._selection import reject_sharded_parameters as _reject_sharded
-from ..select import accumulated_gradient, select
+from ..optim import reject_sharded_parameters as _reject_sharded
+from ..select import METHODS, method_spec, select
 
 __all__ = [
     "ALL_REDUCED_METHODS",
@@ -50,9 +50,9 @@ __all__ = [
     "select_distributed",
 ]
 
-#: Methods whose statistic is a sum over batches, so it can be all-reduced over ranks.
-ALL_REDUCED_METHODS = ("sam", "child_pruning")
-_STAT_OPTIONS = {"num_batches", "max_grad_norm", "progress"}
+#: Methods whose statistic is a sum over batches, so it can be all-reduced over ranks
+#: (``method_spec(name).all_reducible``).
+ALL_REDUCED_METHODS = tuple(m for m in METHODS if method_spec(m).all_reducible)
 
 
 def _check_initialized() -> None:
@@ -193,34 +193,29 @@ def select_distributed(
     For ``"sam"`` and ``"child_pruning"`` (:data:`ALL_REDUCED_METHODS`) each rank scores its
     own ``data`` (its shard of the batches) and the statistic is summed over ranks before the
     top-k, which gives the mask of a single process scoring all ranks' batches (theory/ E5).
-    Options: ``num_batches`` (per rank), ``max_grad_norm``, ``progress``. Any other method runs
+    Options: the method's ``statistic_options``: ``num_batches`` (per rank), ``max_grad_norm``,
+    ``progress`` (default False). Any other method runs
     on rank ``src`` only (``data`` matters there) and the mask is broadcast. Either way the
     masks are checked to be identical on every rank.
     """
     _check_initialized()
-    if method in ALL_REDUCED_METHODS:
-        extra = sorted(set(options) - _STAT_OPTIONS)
+    spec = method_spec(method)
+    if spec.all_reducible:
+        extra = sorted(set(options) - spec.statistic_options)
         if extra:
             raise InvalidArgumentError(
                 f"method {method!r} does not take options {extra}; it takes "
-                f"{sorted(_STAT_OPTIONS)}"
+                f"{sorted(spec.statistic_options)}"
             )
         if data is None:
             raise InvalidArgumentError(f"method {method!r} needs data= (this rank's batches)")
         if density is None:
             raise InvalidArgumentError(f"method {method!r} needs a density in (0, 1]")
-        stat = accumulated_gradient(
-            model,
-            loss_fn or transformers_loss,
-            data,
-            num_batches=options.get("num_batches"),
-            max_grad_norm=options.get("max_grad_norm", 1.0),
-            square_each=method == "child_pruning",
-            progress=options.get("progress", False),
-        )
+        config = spec.from_options({"progress": False, **options})
+        stat = config.statistic(model, loss_fn or transformers_loss, data)
         total = all_reduce_scores(stat, group=group)
-        scores = {n: t.square() for n, t in total.items()} if method == "sam" else total
-        mask = Mask.top_k(scores, density, scope, always_train=always_train)
+        mask = Mask.top_k(config.scores_from_statistic(total), density, scope,
+                          always_train=always_train)
     else:
         mask, failure = None, None
         if dist.get_rank() == src:

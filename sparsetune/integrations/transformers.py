@@ -63,8 +63,9 @@ from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint
 from ..errors import InvalidArgumentError, StateMismatchError
 from ..files import read_metadata
 from ..mask import Mask
-from ..optim import SparseAdamW, SparseGradients, prepare
+from ..optim import SparseAdamW
 from ..select import method_info, select
+from ..sparse_grad import SparseGradients, prepare
 from ._deps import require
 
 require("transformers", "transformers==5.23.0", "sparsetune.integrations.transformers")

@@ -1,18 +1,18 @@
 """Masked and compact-state optimizers.
 
 * :class:`MaskedOptimizer` wraps any ``torch.optim.Optimizer``: frozen entries never move.
-* :class:`SparseAdamW`, :class:`SparseSGD` keep state only for the selected entries.
-* :func:`prepare` turns on sparse-gradient training: backward computes only selected entries.
+* :class:`SparseAdamW`, :class:`SparseSGD` keep state only for the selected entries (their step
+  runs as ``impl`` says: ``"flat"``, ``"foreach"`` or ``"forloop"``, see :mod:`.compact`); they
+  also read the compact gradients of :func:`sparsetune.prepare` (:mod:`sparsetune.sparse_grad`).
 * :class:`ChildTuningF` redraws a random gradient mask at every step (Child-Tuning-F).
 * :class:`Mixout` mixes entries back to their pretrained values at random every step (Mixout).
 """
 
-from ._selection import Selection, optimizer_state_nbytes
 from .child_tuning import ChildTuningF
 from .masked import MaskedOptimizer
 from .mixout import Mixout
+from .selection import Selection, optimizer_state_nbytes, reject_sharded_parameters
 from .sparse_adamw import SparseAdamW
-from .sparse_gradients import SparseGradientFallbackWarning, SparseGradients, prepare
 from .sparse_sgd import SparseSGD
 
 __all__ = [
@@ -21,9 +21,7 @@ __all__ = [
     "Mixout",
     "Selection",
     "SparseAdamW",
-    "SparseGradientFallbackWarning",
-    "SparseGradients",
     "SparseSGD",
     "optimizer_state_nbytes",
-    "prepare",
+    "reject_sharded_parameters",
 ]

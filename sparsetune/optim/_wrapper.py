@@ -9,7 +9,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from ..errors import InvalidArgumentError
-from ._selection import STATE_KEY
+from .selection import STATE_KEY
 
 
 class OptimizerWrapper(Optimizer):

@@ -11,8 +11,8 @@ from torch.optim import Optimizer
 
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
-from ._selection import Selection, check_coverage, check_fingerprint, mask_fingerprint
 from ._wrapper import OptimizerWrapper
+from .selection import Selection, check_coverage, check_fingerprint, mask_fingerprint
 
 __all__ = ["MaskedOptimizer"]
 

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
-from ._compact import CompactStateOptimizer
+from .compact import CompactStateOptimizer
 
 __all__ = ["SparseAdamW"]
 
@@ -39,8 +39,14 @@ class SparseAdamW(CompactStateOptimizer):
         mask: the selected entries; must cover every trainable parameter given.
         lr, betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``.
         decay_to: ``"zero"`` or ``"init"`` (see above).
-        foreach: multi-tensor path (default) or the per-parameter for-loop twin.
+        impl: how the step runs: ``"flat"`` (one buffer per state key for a whole param
+            group: O(1) launches in the number of tensors), ``"foreach"`` (torch's multi-tensor
+            ops per parameter) or ``"forloop"`` (one parameter at a time, the reference); None
+            (default): ``"flat"``. All three give the same results.
+        foreach: ``False`` means ``impl="forloop"``; ``True`` the automatic choice.
     """
+
+    impls = ("flat", "foreach", "forloop")
 
     def __init__(
         self,
@@ -54,7 +60,8 @@ class SparseAdamW(CompactStateOptimizer):
         amsgrad: bool = False,
         maximize: bool = False,
         decay_to: str = "zero",
-        foreach: bool = True,
+        impl: str | None = None,
+        foreach: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("epsilon value", eps)
@@ -72,6 +79,7 @@ class SparseAdamW(CompactStateOptimizer):
             amsgrad=amsgrad,
             maximize=maximize,
             decay_to=decay_to,
+            impl=impl,
             foreach=foreach,
         )
         super().__init__(model_or_named_params, mask, defaults)

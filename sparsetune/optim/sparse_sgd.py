@@ -10,7 +10,7 @@ from torch import Tensor
 from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
-from ._compact import CompactStateOptimizer
+from .compact import CompactStateOptimizer
 
 __all__ = ["SparseSGD"]
 
@@ -33,8 +33,13 @@ class SparseSGD(CompactStateOptimizer):
         mask: the selected entries; must cover every trainable parameter given.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as in ``torch.optim.SGD``.
         decay_to: ``"zero"`` or ``"init"``.
-        foreach: multi-tensor path (default) or the per-parameter for-loop twin.
+        impl: how the step runs: ``"foreach"`` (torch's multi-tensor ops; the default for
+            None) or ``"forloop"`` (one parameter at a time, the reference); both give the same
+            results. SGD has no ``"flat"`` implementation.
+        foreach: ``False`` means ``impl="forloop"``; ``True`` the automatic choice.
     """
+
+    impls = ("foreach", "forloop")
 
     def __init__(
         self,
@@ -48,7 +53,8 @@ class SparseSGD(CompactStateOptimizer):
         nesterov: bool = False,
         maximize: bool = False,
         decay_to: str = "zero",
-        foreach: bool = True,
+        impl: str | None = None,
+        foreach: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("momentum value", momentum)
@@ -66,6 +72,7 @@ class SparseSGD(CompactStateOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             decay_to=decay_to,
+            impl=impl,
             foreach=foreach,
         )
         super().__init__(model_or_named_params, mask, defaults)

@@ -5,32 +5,38 @@ Families (Fu et al., AAAI 2023): random (``random``), rule-based (``bitfit``, ``
 (``sam``, ``sam_curvature``);
 per-step random methods (``child_tuning_f``) are optimizers, listed here so every method is found
 in one place.
+Each method is one frozen config class in :mod:`sparsetune.select.methods` (its options, checked
+before any work, and its flags): :func:`method_spec` gives it.
 Score functions are exported too, for users who want the scores rather than the mask.
 """
 
-from .offline import load_task_spec, select_for_task
-from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
-from .registry import (
-    METHODS,
-    MethodInfo,
-    method_info,
-    method_options,
-    register_method,
-    select,
-    target_names,
-)
-from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
-from .sam import (
+from .methods import MethodConfig
+from .methods.burn_in import finetuned_values
+from .methods.projection import diff_pruning_scores, fisher_scores, lt_sft_scores
+from .methods.rules import bitfit_mask, magnitude_scores, names_mask, random_scores
+from .methods.sam import (
     DEFAULT_FLOOR_FRACTION,
     accumulated_gradient,
     floored_curvature,
     sam_curvature_scores,
     sam_scores,
 )
+from .offline import load_task_spec, select_for_task
+from .registry import (
+    METHODS,
+    MethodInfo,
+    method_info,
+    method_options,
+    method_spec,
+    register_method,
+    select,
+    target_names,
+)
 
 __all__ = [
     "DEFAULT_FLOOR_FRACTION",
     "METHODS",
+    "MethodConfig",
     "MethodInfo",
     "accumulated_gradient",
     "bitfit_mask",
@@ -43,6 +49,7 @@ __all__ = [
     "magnitude_scores",
     "method_info",
     "method_options",
+    "method_spec",
     "names_mask",
     "random_scores",
     "register_method",

@@ -14,25 +14,12 @@ from typing import Any
 from torch import nn
 
 from .._checks import check_density
+from ..data import load_task_spec
 from ..errors import InvalidArgumentError
 from ..mask import Mask
-from .registry import method_info, method_options, select
+from .registry import method_spec, select
 
 __all__ = ["load_task_spec", "select_for_task"]
-
-
-def load_task_spec(spec: str, *, seed: int = 0, max_examples: int | None = None) -> Any:
-    """A :class:`sparsetune.data.TaskData` from a task name or ``"csv:FILE"`` (columns text,
-    label)."""
-    from ..data import TASKS, load_csv_task, load_task
-
-    if spec.startswith("csv:"):
-        return load_csv_task(spec[4:], seed=seed, max_examples=max_examples)
-    if spec not in TASKS:
-        raise InvalidArgumentError(
-            f"unknown data={spec!r}: use a task name ({', '.join(TASKS)}) or csv:FILE"
-        )
-    return load_task(spec, seed=seed, max_examples=max_examples)
 
 
 def select_for_task(
@@ -70,26 +57,25 @@ def select_for_task(
     """
     from ..data import HEAD_PARAMETERS, batches, load_pretrained
 
-    info = method_info(method)
-    if info.uses_density and density is not None:
+    spec = method_spec(method)
+    if spec.uses_density and density is not None:
         check_density(density)
-    takes = method_options(method)
-    needs_data = info.needs_data or bool((options or {}).get("burn_in_steps"))
-    if needs_data and data is None:
-        raise InvalidArgumentError(
-            f"method {method!r} is data-driven: give data (a task name or csv:FILE)"
-        )
     opts = dict(options or {})
     if num_batches is not None:
-        key = "num_batches" if "num_batches" in takes else "steps" if "steps" in takes else None
-        if key is None:
+        if spec.count_option is None:
             raise InvalidArgumentError(
                 f"method {method!r} reads no batches, so num_batches={num_batches!r} does not "
                 f"apply"
             )
-        opts[key] = num_batches
-    if "progress" in takes:
+        opts[spec.count_option] = num_batches
+    if "progress" in spec.option_names():
         opts.setdefault("progress", progress)
+    # every option is checked here, before the model and the data are loaded
+    needs_data = spec.from_options(opts).needs_data
+    if needs_data and data is None:
+        raise InvalidArgumentError(
+            f"method {method!r} is data-driven: give data (a task name or csv:FILE)"
+        )
     task = load_task_spec(data, seed=seed, max_examples=max_examples) if data else None
     if task is not None and num_labels is not None and num_labels != task.num_labels:
         raise InvalidArgumentError(

@@ -1,225 +1,43 @@
-"""One interface over every selection method: ``select(model, method, density, ...)``."""
+"""One interface over every selection method: ``select(model, method, density, ...)``.
+
+Each name maps to a method's config class (:mod:`sparsetune.select.methods`): its options,
+checked before any work, its flags (density, data, burn-in training, all-reducible statistic)
+and how it builds the mask.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from .._checks import check_int
 from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from ._data import trainable
-from .projection import diff_pruning_scores, finetuned_values, fisher_scores, lt_sft_scores
-from .rules import bitfit_mask, magnitude_scores, names_mask, random_scores
-from .sam import sam_curvature_scores, sam_scores
+from .methods import BUILTIN, MethodConfig, MethodInfo, builder_config
 
 __all__ = [
-    "METHODS", "MethodInfo", "method_info", "method_options", "register_method", "select",
-    "target_names",
+    "METHODS", "MethodInfo", "method_info", "method_options", "method_spec", "register_method",
+    "select", "target_names",
 ]
 
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What a selection method is and what it needs."""
-
-    name: str
-    family: str  # "random", "rule", "projection", "sam" or "optimizer"
-    needs_data: bool
-    uses_density: bool
-    description: str
-    optimizer: str | None = None  # for per-step methods: the optimizer class that implements it
-
-
-_Builder = Callable[..., Mask]
-_REGISTRY: dict[str, tuple[MethodInfo, _Builder]] = {}
-
-
-def _register(name: str, family: str, needs_data: bool, uses_density: bool, description: str):
-    def decorate(builder: _Builder) -> _Builder:
-        _REGISTRY[name] = (MethodInfo(name, family, needs_data, uses_density, description), builder)
-        return builder
-
-    return decorate
-
-
-@_register("random", "random", False, True, "a fixed random mask (seeded)")
-def _random(model, density, scope, always_train, seed, targets=None, **_):
-    return Mask.top_k(random_scores(model, seed=seed), density, scope, always_train=always_train,
-                      targets=targets)
-
-
-@_register("bitfit", "rule", False, False, "bias terms only (BitFit); density is what it gives")
-def _bitfit(model, density, scope, always_train, **_):
-    return bitfit_mask(model, always_train=always_train)
-
-
-@_register("names", "rule", False, False, "regex include/exclude rules over parameter names")
-def _names(model, density, scope, always_train, include=(), exclude=(), **_):
-    return names_mask(model, include, exclude, always_train=always_train)
-
-
-@_register("magnitude", "rule", False, True,
-           "largest |theta| (MagPruning), optionally after a reset full fine-tuning burn-in")
-def _magnitude(model, density, scope, always_train, data=None, loss_fn=None, seed=0,
-               burn_in_steps=0, lr=1e-4, progress=True, targets=None, **_):
-    if burn_in_steps:
-        if data is None:
-            raise InvalidArgumentError("magnitude with burn_in_steps > 0 needs data=")
-        values = finetuned_values(model, loss_fn, data, steps=burn_in_steps, lr=lr, seed=seed,
-                                  progress=progress)
-        scores = {n: v.abs() for n, v in values.items()}
-    else:
-        scores = magnitude_scores(model)
-    return Mask.top_k(scores, density, scope, always_train=always_train,
-                      targets=targets)
-
-
-@_register("child_pruning", "projection", True, True,
-           "Child-Tuning-D: Fisher information (sum of squared clipped batch gradients) top-k")
-def _child_pruning(model, density, scope, always_train, data, loss_fn, num_batches=None,
-                   max_grad_norm=1.0, progress=True, targets=None, **_):
-    scores = fisher_scores(model, loss_fn, data, num_batches=num_batches,
-                           max_grad_norm=max_grad_norm, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train,
-                      targets=targets)
-
-
-@_register("lt_sft", "projection", True, True,
-           "LT-SFT-style: full fine-tuning for N steps, keep the most changed entries, reset")
-def _lt_sft(model, density, scope, always_train, data, loss_fn, seed=0, steps=100, lr=1e-4,
-            progress=True, targets=None, **_):
-    scores = lt_sft_scores(model, loss_fn, data, steps=steps, lr=lr, seed=seed, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train,
-                      targets=targets)
-
-
-@_register("diff_pruning", "projection", True, True,
-           "DiffPruning: hard-concrete L0 gates over a diff vector, then top-k gate logits")
-def _diff_pruning(model, density, scope, always_train, data, loss_fn, seed=0, steps=100, lr=1e-3,
-                  l0_weight=1e-4, init_log_alpha=1.0, progress=True, targets=None, **_):
-    scores = diff_pruning_scores(model, loss_fn, data, steps=steps, lr=lr, l0_weight=l0_weight,
-                                 init_log_alpha=init_log_alpha, seed=seed, progress=progress)
-    return Mask.top_k(scores, density, scope, always_train=always_train,
-                      targets=targets)
-
-
-@_register("sam", "sam", True, True,
-           "SAM, practical variant: largest squared sum of clipped batch gradients at theta0")
-def _sam(model, density, scope, always_train, data, loss_fn, num_batches=None, max_grad_norm=1.0,
-         progress=True, targets=None, seed=0, head_warmup_steps=0, head_warmup_lr=1e-2, **_):
-    def scores():
-        return sam_scores(model, loss_fn, data, num_batches=num_batches,
-                          max_grad_norm=max_grad_norm, progress=progress)
-
-    return Mask.top_k(
-        _after_head_warmup(model, always_train, data, loss_fn, seed, head_warmup_steps,
-                           head_warmup_lr, progress, scores),
-        density, scope, always_train=always_train, targets=targets,
-    )
-
-
-def _after_head_warmup(model, always_train, data, loss_fn, seed, steps, lr, progress, score):
-    """``score()`` after ``steps`` AdamW steps on the always-trained parameters (the task head)
-    alone, body frozen; the model is restored afterwards. With a randomly initialised head, the
-    gradient at theta0 depends on that draw (benchmarks/README.md, quality: ``sam_probe``)."""
-    if steps is None or steps == 0:
-        return score()
-    check_int("head_warmup_steps", steps)
-    if not always_train:
-        raise InvalidArgumentError(
-            "head_warmup_steps trains the always_train parameters (the task head) alone before "
-            "scoring, but always_train is empty: name the head, e.g. always_train="
-            "['classifier.weight', 'classifier.bias']"
-        )
-    if iter(data) is data:
-        raise InvalidArgumentError(
-            f"head_warmup_steps reads data twice (the head warm-up, then the scores), but data "
-            f"is a one-shot iterator ({type(data).__name__}): pass a list or a DataLoader"
-        )
-    # finetuned_values restores the model; only the head is then swapped in and back out.
-    trained = finetuned_values(model, loss_fn, data, steps=steps, lr=lr, seed=seed,
-                               progress=progress, only=always_train)
-    head = {n: p for n, p in model.named_parameters() if n in trained}
-    initial = {n: p.detach().clone() for n, p in head.items()}
-    try:
-        with torch.no_grad():
-            for name, param in head.items():
-                param.copy_(trained[name])
-        return score()
-    finally:
-        with torch.no_grad():
-            for name, param in head.items():
-                param.copy_(initial[name])
-
-
-_PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")
-
-
-@_register("sam_curvature", "sam", True, True,
-           "SAM, exact criterion: largest g_i^2 / max(h_i, floor), h a Hessian-diagonal estimate")
-def _sam_curvature(model, density, scope, always_train, data, loss_fn, seed=0, targets=None,
-                   **options):
-    if loss_fn is transformers_loss and options.get("curvature_method") in _PER_EXAMPLE:
-        from ..curvature import OutputLoss
-
-        loss_fn = OutputLoss.transformers()  # the same loss, with its per-example structure
-    options.setdefault("progress", True)
-    warmup = (options.pop("head_warmup_steps", 0), options.pop("head_warmup_lr", 1e-2))
-
-    def scores():
-        return sam_curvature_scores(model, loss_fn, data, exclude=always_train, seed=seed,
-                                    **options)
-
-    return Mask.top_k(
-        _after_head_warmup(model, always_train, data, loss_fn, seed, *warmup,
-                           options.get("progress", True), scores),
-        density, scope, always_train=always_train, targets=targets,
-    )
-
-
-def _optimizer_side(name: str, description: str, optimizer: str) -> None:
-    info = MethodInfo(name, "optimizer", False, True, description, optimizer)
-
-    def builder(*_: Any, **__: Any) -> Mask:
-        raise InvalidArgumentError(
-            f"method {name!r} draws a new random mask at every step, so it is an optimizer, not "
-            f"one fixed mask: use {optimizer} (see its docstring)"
-        )
-
-    _REGISTRY[name] = (info, builder)
-
-
-_optimizer_side(
-    "child_tuning_f",
-    "Child-Tuning-F: a fresh Bernoulli(p) gradient mask each step, scaled by 1/p",
-    "sparsetune.ChildTuningF(torch.optim.AdamW(model.parameters(), lr=...), reserve_p=p)",
-)
-_optimizer_side(
-    "mixout",
-    "Mixout: each step every entry is mixed back to theta0 with probability p, the rest "
-    "rescaled by 1/(1-p)",
-    "sparsetune.optim.Mixout(torch.optim.AdamW(model.parameters(), lr=...), mix_p=p)",
-)
+_REGISTRY: dict[str, type[MethodConfig]] = {spec.name: spec for spec in BUILTIN}
 
 
 def register_method(
-    name: str, info: MethodInfo, builder: _Builder, options: Iterable[str] = ()
+    name: str, info: MethodInfo, builder: Callable[..., Mask], options: Iterable[str] = ()
 ) -> None:
     """Add a selection method (integrations use this, e.g. peft's ``lora`` and ``adapter``).
 
-    ``builder(model, density, scope, always_train, *, data, loss_fn, seed, **options) -> Mask``.
+    ``builder(model, density, scope, always_train, *, data, loss_fn, seed, **options) -> Mask``;
+    ``options`` are the option names it takes.
     """
     if name in _REGISTRY:
         raise InvalidArgumentError(f"method {name!r} is already registered")
-    _REGISTRY[name] = (info, builder)
-    _OPTIONS[name] = set(options)
+    _REGISTRY[name] = builder_config(info, builder, options)
 
 
 class _MethodNames(Sequence[str]):
@@ -240,39 +58,27 @@ class _MethodNames(Sequence[str]):
 
 METHODS: Sequence[str] = _MethodNames()
 
-#: Methods that score every entry and keep the top k (they take ``targets``).
-_TOP_K_METHODS = frozenset(
-    {"random", "magnitude", "child_pruning", "lt_sft", "diff_pruning", "sam", "sam_curvature"}
-)
 
-_OPTIONS = {
-    "random": set(),
-    "bitfit": set(),
-    "names": {"include", "exclude"},
-    "magnitude": {"burn_in_steps", "lr", "progress"},
-    "child_pruning": {"num_batches", "max_grad_norm", "progress"},
-    "lt_sft": {"steps", "lr", "progress"},
-    "diff_pruning": {"steps", "lr", "l0_weight", "init_log_alpha", "progress"},
-    "sam": {"num_batches", "max_grad_norm", "progress", "head_warmup_steps", "head_warmup_lr"},
-    "sam_curvature": {"num_batches", "max_grad_norm", "curvature_method", "num_samples",
-                      "curvature_data", "curvature", "floor", "floor_fraction", "progress",
-                      "head_warmup_steps", "head_warmup_lr"},
-    "child_tuning_f": set(),
-    "mixout": set(),
-}
+def method_spec(method: str) -> type[MethodConfig]:
+    """The config class of ``method``: its options (fields, checked on construction) and flags.
+
+    ``method_spec(m).trains_burn_in`` says whether selection runs training steps,
+    ``.count_option`` which option counts the batches read (``"num_batches"``, ``"steps"`` or
+    None), ``.uses_data``, ``.uses_density``, ``.all_reducible``.
+    """
+    if method not in _REGISTRY:
+        raise InvalidArgumentError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
+    return _REGISTRY[method]
 
 
 def method_options(method: str) -> frozenset[str]:
     """The option names ``select(model, method, ...)`` accepts for ``method``."""
-    method_info(method)
-    return frozenset(_OPTIONS.get(method, ()))
+    return method_spec(method).option_names()
 
 
 def method_info(method: str) -> MethodInfo:
     """Family, needs and description of ``method``."""
-    if method not in _REGISTRY:
-        raise InvalidArgumentError(f"unknown method {method!r}; valid methods: {list(METHODS)}")
-    return _REGISTRY[method][0]
+    return method_spec(method).info()
 
 
 def select(
@@ -305,8 +111,10 @@ def select(
             ``target_modules``: only matching parameters receive entries, e.g.
             ``r"attention\.self\.(query|value)\.weight$"``. The budget is still p of the whole
             model (``mask.density == p``). Methods that score entries only (not rules).
-        options: method options (``num_batches``, ``max_grad_norm``, ``steps``, ``lr``,
-            ``burn_in_steps``, ``include``, ``exclude``, ``progress``; for ``sam_curvature``
+        options: method options, the fields of the method's config class
+            (:func:`method_spec`), all checked before any work (``num_batches``,
+            ``max_grad_norm``, ``steps``, ``lr``, ``burn_in_steps``, ``include``, ``exclude``,
+            ``l0_weight``, ``init_log_alpha``, ``progress``; for ``sam_curvature``
             also ``curvature_method``, ``num_samples``, ``curvature_data``, ``curvature``,
             ``floor``, ``floor_fraction``: see :func:`sparsetune.select.sam_curvature_scores`;
             for ``sam`` and ``sam_curvature`` also ``head_warmup_steps`` (default 0) and
@@ -314,9 +122,8 @@ def select(
             (the task head) alone for that many AdamW steps on ``data`` (a linear probe), then
             score; the model is left as found).
     """
-    info = method_info(method)
-    if info.family == "optimizer":
-        _REGISTRY[method][1]()
+    spec = method_spec(method)
+    spec.refuse_if_per_step()
     always = [always_train] if isinstance(always_train, str) else list(always_train)
     names = {n for n, _ in trainable(model)}
     unknown = sorted(set(always) - names)
@@ -325,33 +132,27 @@ def select(
             f"always_train names parameters the model lacks (or that do not require grad): "
             f"{unknown}"
         )
-    if info.uses_density and density is None:
+    if spec.uses_density and density is None:
         raise InvalidArgumentError(f"method {method!r} needs a density in (0, 1]")
-    if not info.uses_density and density is not None:
+    if not spec.uses_density and density is not None:
         raise InvalidArgumentError(
             f"method {method!r} selects by rule and takes no density (got density={density!r})"
         )
-    extra = sorted(set(options) - _OPTIONS[method])
-    if extra:
-        raise InvalidArgumentError(
-            f"method {method!r} does not take options {extra}; it takes "
-            f"{sorted(_OPTIONS[method]) or 'none'}"
-        )
-    if info.needs_data or options.get("burn_in_steps"):
+    config = spec.from_options(options)
+    if config.needs_data:
         if data is None:
             raise InvalidArgumentError(f"method {method!r} needs data= (an iterable of batches)")
         loss_fn = loss_fn or transformers_loss
+    chosen = None
     if targets is not None:
-        if method not in _TOP_K_METHODS:
+        if not spec.takes_targets:
+            takes = sorted(n for n, c in _REGISTRY.items() if c.takes_targets)
             raise InvalidArgumentError(
-                f"method {method!r} does not take targets; methods that do: "
-                f"{sorted(_TOP_K_METHODS)}"
+                f"method {method!r} does not take targets; methods that do: {takes}"
             )
-        options["targets"] = target_names(model, targets, exclude=always)
-    builder = _REGISTRY[method][1]
-    return builder(
-        model, density, scope, always, data=data, loss_fn=loss_fn, seed=seed, **options
-    )
+        chosen = target_names(model, targets, exclude=always)
+    return config.build(model, density, scope, always, data=data, loss_fn=loss_fn, seed=seed,
+                        targets=chosen)
 
 
 def target_names(

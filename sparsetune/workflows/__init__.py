@@ -4,6 +4,24 @@ Each function takes paths and plain values, runs select / train / extract / appl
 public API, and returns a result object; the CLI only parses arguments and prints.
 """
 
-from .pretrained import apply_to_pretrained, extract_from_pretrained
+from .bound import diagnose_for_task
+from .deltas import apply_to_pretrained, extract_from_pretrained, merge_delta_files
+from .masks import save_mask_for_task
+from .subspace import (
+    SubspaceTrainReport,
+    fit_subspace_files,
+    subspace_landscape,
+    train_in_subspace,
+)
 
-__all__ = ["apply_to_pretrained", "extract_from_pretrained"]
+__all__ = [
+    "SubspaceTrainReport",
+    "apply_to_pretrained",
+    "diagnose_for_task",
+    "extract_from_pretrained",
+    "fit_subspace_files",
+    "merge_delta_files",
+    "save_mask_for_task",
+    "subspace_landscape",
+    "train_in_subspace",
+]

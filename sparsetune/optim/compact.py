@@ -1,4 +1,11 @@
-"""Base class of the compact-state optimizers: state only for the selected entries."""
+"""Base class of the compact-state optimizers: state only for the selected entries.
+
+The step has three implementations (``impl``, :data:`IMPLS`), which give the same results:
+``"flat"`` lays a param group's selected entries end to end (one buffer per state key) and
+updates them with one set of tensor ops per step, so the launches do not grow with the number
+of tensors; ``"foreach"`` runs torch's multi-tensor ops over the per-parameter tensors;
+``"forloop"`` updates one parameter at a time, the obviously-correct twin.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,8 @@ from torch.optim import Optimizer
 from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
-from ._selection import (
+from ..sparse_grad import selected_gradient
+from .selection import (
     STATE_KEY,
     Selection,
     check_coverage,
@@ -21,23 +29,33 @@ from ._selection import (
     mask_fingerprint,
     named_parameter_groups,
 )
-from .sparse_gradients import selected_gradient
 
 DECAY_TARGETS = ("zero", "init")
+#: The implementations of the compact step, fastest first (see the module docstring).
+IMPLS = ("flat", "foreach", "forloop")
 
 
 class CompactStateOptimizer(Optimizer):
     """An Optimizer whose per-parameter state covers only the entries a :class:`Mask` selects.
 
-    Subclasses implement :meth:`_update` on 1-D tensors of selected values. Parameters are
-    given by name (a module, ``named_parameters()``, or groups of ``(name, parameter)``) so the
-    mask can be matched to them. A parameter with no selected entry is never touched; a fully
+    Subclasses implement :meth:`_update_single` and :meth:`_update_foreach` on 1-D tensors of
+    selected values, and list the implementations of the step they offer in :attr:`impls`
+    (``"flat"`` needs :meth:`_flat_keys` too). Parameters are given by name (a module,
+    ``named_parameters()``, or groups of ``(name, parameter)``) so the mask can be matched to
+    them. A parameter with no selected entry is never touched; a fully
     selected one is updated in place with no index.
 
     Gradients may be dense, or the compact ones of :func:`sparsetune.prepare` (the k selected
     values only), which are read directly. :meth:`clip_grad_norm_` clips by the norm of the
     selected entries; :meth:`step_in_backward` fuses the update into ``backward()``.
+
+    The step runs as each param group's ``"impl"`` says (see :data:`IMPLS`); ``"flat"`` falls
+    back to ``"foreach"`` for a step where some selected parameter of the group has no
+    gradient, and for a group whose parameters differ in device or dtype or are not contiguous.
     """
+
+    #: The values of ``impl`` this optimizer offers; the first is the automatic choice.
+    impls: tuple[str, ...] = ("foreach", "forloop")
 
     def __init__(self, model_or_named_params: Any, mask: Mask, defaults: dict[str, Any]) -> None:
         if not isinstance(mask, Mask):
@@ -46,6 +64,8 @@ class CompactStateOptimizer(Optimizer):
             raise InvalidArgumentError(
                 f"decay_to must be one of {list(DECAY_TARGETS)}, got {defaults.get('decay_to')!r}"
             )
+        defaults = dict(defaults)
+        defaults["impl"] = self._resolved_impl(defaults.get("impl"), defaults.pop("foreach", None))
         if isinstance(model_or_named_params, torch.nn.Module):
             mask.check(model_or_named_params)
         groups = named_parameter_groups(model_or_named_params)
@@ -55,6 +75,7 @@ class CompactStateOptimizer(Optimizer):
         super().__init__(groups, defaults)
         self.register_state_dict_post_hook(_add_fingerprint)
         self.register_load_state_dict_pre_hook(_pop_and_check_fingerprint)
+        self.register_load_state_dict_pre_hook(_impl_from_foreach)
         self.register_load_state_dict_post_hook(_forget_flat_state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -63,6 +84,9 @@ class CompactStateOptimizer(Optimizer):
             raise InvalidArgumentError(
                 f"decay_to must be one of {list(DECAY_TARGETS)}, got {decay_to!r}"
             )
+        if "impl" in param_group or "foreach" in param_group:
+            foreach = param_group.pop("foreach", None)
+            param_group["impl"] = self._resolved_impl(param_group.get("impl"), foreach)
         super().add_param_group(param_group)
         self._flats = {}
         group = self.param_groups[-1]
@@ -77,6 +101,23 @@ class CompactStateOptimizer(Optimizer):
             self._selections[p] = Selection(selected, p.device)
             if group["decay_to"] == "init" and self._selections[p].kind != "none":
                 self.state[p]["theta0"] = self._selections[p].gather(p).detach().clone()
+
+    @classmethod
+    def _resolved_impl(cls, impl: str | None, foreach: bool | None = None) -> str:
+        """``impl`` checked against :attr:`impls`; None: from ``foreach`` (False: "forloop"),
+        else the automatic choice ``impls[0]``."""
+        if impl is not None and impl not in cls.impls:
+            raise InvalidArgumentError(
+                f"{cls.__name__}: impl must be one of {list(cls.impls)} or None (automatic: "
+                f"{cls.impls[0]!r}), got {impl!r}"
+            )
+        if impl is None:
+            return "forloop" if foreach is not None and not foreach else cls.impls[0]
+        if foreach is not None and bool(foreach) == (impl == "forloop"):
+            raise InvalidArgumentError(
+                f"{cls.__name__}: impl={impl!r} contradicts foreach={foreach!r}; give impl alone"
+            )
+        return impl
 
     def selection(self, param: Tensor) -> Selection:
         """The selected entries of ``param`` (flat indices, or all / none)."""
@@ -101,7 +142,7 @@ class CompactStateOptimizer(Optimizer):
             for p in group["params"]:
                 sel = self._selections[p]
                 if p.grad is not None and sel.kind != "none":
-                    values.append(selected_gradient(p, sel))
+                    values.append(selected_gradient(p, sel.index))
                     grads.append(p.grad)
         if not values:
             return torch.tensor(0.0)
@@ -155,7 +196,7 @@ class CompactStateOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            flat = self._flat_group(index, group)
+            flat = self._flat_group(index, group) if group["impl"] == "flat" else None
             if flat is not None and flat.ready(self.state):
                 self._step_flat(group, flat)
             else:
@@ -174,7 +215,7 @@ class CompactStateOptimizer(Optimizer):
             if "step" not in state:
                 self._init_state(group, state, sel.count, p)
             params.append((p, sel))
-            grads.append(selected_gradient(p, sel))
+            grads.append(selected_gradient(p, sel.index))
             values.append(sel.gather(p))
             states.append(state)
         if not params:
@@ -183,7 +224,7 @@ class CompactStateOptimizer(Optimizer):
             state["step"] += 1
         if group["maximize"]:
             grads = torch._foreach_neg(grads)
-        if group["foreach"]:
+        if group["impl"] != "forloop":
             self._update_foreach(group, values, grads, states)
         else:
             for value, grad, state in zip(values, grads, states):
@@ -194,7 +235,7 @@ class CompactStateOptimizer(Optimizer):
     def _flat_group(self, index: int, group: dict[str, Any]) -> _FlatGroup | None:
         """The group's flat state, built on first use; None where the fast path cannot run."""
         keys = self._flat_keys(group)
-        if not keys or not group["foreach"]:
+        if not keys:
             return None
         flat = self._flats.get(index)
         if flat is not None:
@@ -290,7 +331,7 @@ class _FlatGroup:
     def gather_gradients(self) -> Tensor:
         grad = torch.empty_like(self.values)  # transient: freed after the step
         for p, sel, part in zip(self.params, self.selections, self.slices):
-            selected_gradient(p, sel, out=grad[part])
+            selected_gradient(p, sel.index, out=grad[part])
         return grad
 
     def current_values(self) -> Tensor:
@@ -345,3 +386,15 @@ def _pop_and_check_fingerprint(
     optimizer: CompactStateOptimizer, state_dict: dict[str, Any]
 ) -> None:
     check_fingerprint(state_dict.pop(STATE_KEY, None), optimizer.mask, type(optimizer).__name__)
+
+
+def _impl_from_foreach(optimizer: CompactStateOptimizer, state_dict: dict[str, Any]) -> None:
+    # States saved before ``impl`` existed name the step by ``foreach`` in each group.
+    groups = []
+    for group in state_dict["param_groups"]:
+        if "foreach" in group:
+            group = dict(group)
+            foreach = group.pop("foreach")
+            group["impl"] = optimizer._resolved_impl(group.get("impl"), foreach)
+        groups.append(group)
+    state_dict["param_groups"] = groups

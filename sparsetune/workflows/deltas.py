@@ -1,7 +1,8 @@
-"""Whole-folder workflows on local transformers models (what ``sparsetune delta`` runs).
+"""Delta workflows on files and local transformers folders (what ``sparsetune delta`` runs).
 
 :func:`extract_from_pretrained` makes a delta from a base folder, a tuned folder and a mask
-file; :func:`apply_to_pretrained` applies a delta to a base folder and writes a new one.
+file; :func:`apply_to_pretrained` applies a delta to a base folder and writes a new one;
+:func:`merge_delta_files` merges delta files into one.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import os
 from pathlib import Path
 
 from ..data import load_pretrained, save_pretrained
-from ..delta import SparseDelta
+from ..delta import SparseDelta, merge_deltas
 from ..errors import FileFormatError
 from ..files import load_mask, read_metadata
 
-__all__ = ["apply_to_pretrained", "extract_from_pretrained"]
+__all__ = ["apply_to_pretrained", "extract_from_pretrained", "merge_delta_files"]
 
 
 def extract_from_pretrained(
@@ -69,3 +70,12 @@ def apply_to_pretrained(
                                        num_labels=num_labels, seed=seed)
     delta.apply_to(model, scale=scale)
     return save_pretrained(model, output, tokenizer)
+
+
+def merge_delta_files(
+    paths: list[str | os.PathLike], output: str | os.PathLike, *, policy: str = "sum"
+) -> tuple[Path, SparseDelta]:
+    """Load the delta files ``paths``, merge them (:func:`sparsetune.merge_deltas`) and write the
+    result to ``output``; returns the path written and the merged delta."""
+    merged = merge_deltas([SparseDelta.load(p) for p in paths], policy=policy)
+    return merged.save(output), merged

@@ -1,0 +1,178 @@
+"""Rule-based and random selection: Random, BitFit, name rules, magnitude (MagPruning).
+
+Methods: ``random``, ``bitfit``, ``names``, ``magnitude`` (one config class each, below).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..._checks import check_int, check_positive
+from ...errors import InvalidArgumentError
+from ...mask import Mask
+from .._data import trainable
+from .base import MethodConfig, check_flag
+from .burn_in import finetuned_values
+
+__all__ = [
+    "BitfitConfig", "MagnitudeConfig", "NamesConfig", "RandomConfig", "bitfit_mask",
+    "magnitude_scores", "names_mask", "random_scores",
+]
+
+
+def random_scores(model: nn.Module, *, seed: int = 0) -> dict[str, Tensor]:
+    """Uniform random scores from a seeded generator: top-k of them is a fixed random mask."""
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in trainable(model)}
+
+
+def magnitude_scores(model: nn.Module) -> dict[str, Tensor]:
+    """|theta|: MagPruning keeps the largest pretrained (or burned-in) weights."""
+    return {n: p.detach().abs() for n, p in trainable(model)}
+
+
+def _name_rules(
+    include: str | Sequence[str], exclude: str | Sequence[str]
+) -> tuple[list[str], list[str], list[re.Pattern[str]]]:
+    """The include and exclude patterns as lists, and all of them compiled (or raise)."""
+    inc = [include] if isinstance(include, str) else list(include)
+    exc = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not inc:
+        raise InvalidArgumentError("names needs at least one include pattern, e.g. r'\\.bias$'")
+    compiled = []
+    for option, pattern in [("include", p) for p in inc] + [("exclude", p) for p in exc]:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as err:
+            raise InvalidArgumentError(
+                f"{option}: invalid regular expression {pattern!r}: {err}"
+            ) from None
+    return inc, exc, compiled
+
+
+def names_mask(
+    model: nn.Module,
+    include: str | Sequence[str] = (),
+    exclude: str | Sequence[str] = (),
+    *,
+    always_train: Iterable[str] = (),
+) -> Mask:
+    """Fully select the parameters whose name matches an ``include`` regex and no ``exclude``.
+
+    Patterns use ``re.search``. A pattern that matches no trainable parameter is an error: a
+    typo must not silently select nothing.
+    """
+    inc, exc, compiled = _name_rules(include, exclude)
+    named = trainable(model)
+    for pattern, rx in zip(inc + exc, compiled):
+        if not any(rx.search(n) for n, _ in named):
+            raise InvalidArgumentError(
+                f"pattern {pattern!r} matches no trainable parameter; names look like "
+                f"{[n for n, _ in named[:4]]}"
+            )
+    inc_rx, exc_rx = compiled[: len(inc)], compiled[len(inc) :]
+    chosen = {
+        n
+        for n, _ in named
+        if any(r.search(n) for r in inc_rx) and not any(r.search(n) for r in exc_rx)
+    }
+    return Mask(
+        {n: torch.full(p.shape, n in chosen, dtype=torch.bool, device=p.device) for n, p in named},
+        always_train=always_train,
+    )
+
+
+def bitfit_mask(model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
+    """BitFit (Ben Zaken et al.): every bias term, nothing else; the density is what it gives."""
+    return names_mask(model, include=r"(^|\.)bias$", always_train=always_train)
+
+
+@dataclass(frozen=True)
+class RandomConfig(MethodConfig):
+    """``random``: a fixed random mask, top-k of seeded uniform scores (no options)."""
+
+    name = "random"
+    family = "random"
+    description = "a fixed random mask (seeded)"
+    takes_targets = True
+
+    def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
+        return Mask.top_k(random_scores(model, seed=seed), density, scope,
+                          always_train=always_train, targets=targets)
+
+
+@dataclass(frozen=True)
+class BitfitConfig(MethodConfig):
+    """``bitfit``: every bias term (no options, no density)."""
+
+    name = "bitfit"
+    family = "rule"
+    description = "bias terms only (BitFit); density is what it gives"
+    uses_density = False
+
+    def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
+        return bitfit_mask(model, always_train=always_train)
+
+
+@dataclass(frozen=True)
+class NamesConfig(MethodConfig):
+    """``names``: whole parameters chosen by regexes over their names (see :func:`names_mask`).
+
+    Attributes:
+        include: pattern(s) a selected name matches (``re.search``); at least one.
+        exclude: pattern(s) no selected name matches.
+    """
+
+    include: str | Sequence[str] = ()
+    exclude: str | Sequence[str] = ()
+
+    name = "names"
+    family = "rule"
+    description = "regex include/exclude rules over parameter names"
+    uses_density = False
+
+    def validate(self) -> None:
+        _name_rules(self.include, self.exclude)
+
+    def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
+        return names_mask(model, self.include, self.exclude, always_train=always_train)
+
+
+@dataclass(frozen=True)
+class MagnitudeConfig(MethodConfig):
+    """``magnitude``: largest |theta|, optionally after ``burn_in_steps`` of full fine-tuning
+    at ``lr`` (the model is reset afterwards; then it needs data)."""
+
+    burn_in_steps: int = 0
+    lr: float = 1e-4
+    progress: bool = True
+
+    name = "magnitude"
+    family = "rule"
+    description = "largest |theta| (MagPruning), optionally after a reset full fine-tuning burn-in"
+    takes_targets = True
+
+    def validate(self) -> None:
+        check_int("burn_in_steps", self.burn_in_steps, minimum=0)
+        check_positive("lr", self.lr)
+        check_flag("progress", self.progress)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.burn_in_steps > 0
+
+    def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
+        if self.burn_in_steps:
+            if data is None:
+                raise InvalidArgumentError("magnitude with burn_in_steps > 0 needs data=")
+            values = finetuned_values(model, loss_fn, data, steps=self.burn_in_steps,
+                                      lr=self.lr, seed=seed, progress=self.progress)
+            scores = {n: v.abs() for n, v in values.items()}
+        else:
+            scores = magnitude_scores(model)
+        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets)
