@@ -327,16 +327,22 @@ class Mask(Mapping[str, Tensor]):
 
     # -- files ----------------------------------------------------------------------------
     def save(
-        self, path: str | os.PathLike, *, method: str = "unknown", model: nn.Module | None = None
+        self,
+        path: str | os.PathLike,
+        *,
+        method: str = "unknown",
+        model: nn.Module | None = None,
+        options: Mapping[str, object] | None = None,
     ) -> Path:
         """Write a compact, versioned ``.safetensors`` mask file atomically (see sparsetune.files).
 
         With ``model`` the file records the model's names-and-shapes fingerprint, and
-        :meth:`load` with another model is refused.
+        :meth:`load` with another model is refused. ``options`` (the selection's arguments,
+        JSON-encodable) are recorded beside ``method`` for ``sparsetune info``.
         """
         from .files.mask_file import save_mask
 
-        return save_mask(self, path, method=method, model=model)
+        return save_mask(self, path, method=method, model=model, options=options)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, model: nn.Module | None = None) -> Mask:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import sparsetune as st
-from sparsetune.files import describe_file
+from sparsetune.files import describe_file, read_metadata
 from sparsetune.select import select_for_task
 from sparsetune.workflows import extract_from_pretrained
 
@@ -112,7 +113,13 @@ def test_mask_command_writes_the_mask_select_for_task_gives(folders):
     )
     assert st.Mask.load(out, model=model) == mask
     assert mask.always_train == {"classifier.weight", "classifier.bias"}
-    assert "method 'sam', made for BertForSequenceClassification" in describe_file(out)
+    described = describe_file(out)
+    assert "method 'sam', options {" in described
+    assert "made for BertForSequenceClassification" in described
+    options = json.loads(read_metadata(out, "mask")["options"])
+    assert options["density"] == 0.01 and options["num_batches"] == 2 and options["seed"] == 3
+    assert options["model"] == str(folders / "base") and options["batch_size"] == 4
+    assert "progress" not in options
 
 
 def _main(capsys, *args):

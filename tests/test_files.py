@@ -126,3 +126,17 @@ def test_read_tensors_is_strict_and_read_kind_reads_the_header(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(st.FileFormatError, match="not a readable safetensors file"):
         read_kind(tmp_path / "junk.safetensors")
+
+
+def test_mask_options_are_recorded_and_optional(tmp_path):
+    mask = st.Mask({"w": torch.tensor([True, False, True])})
+    plain = mask.save(tmp_path / "plain.safetensors", method="magnitude")
+    assert "options" not in read_metadata(plain, "mask")
+    recorded = mask.save(tmp_path / "opts.safetensors", method="sam",
+                         options={"num_batches": 4, "seed": 1, "targets": ["q_proj"]})
+    assert json.loads(read_metadata(recorded, "mask")["options"]) == {
+        "num_batches": 4, "seed": 1, "targets": ["q_proj"]}
+    assert st.Mask.load(recorded) == mask == st.Mask.load(plain)
+    with pytest.raises(st.InvalidArgumentError, match="JSON-encodable"):
+        mask.save(tmp_path / "bad.safetensors", options={"fn": object()})
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -24,9 +24,10 @@ def describe_file(path: str | os.PathLike) -> str:
             if "model_fingerprint" in metadata
             else ""
         )
+        options = f", options {metadata['options']}" if "options" in metadata else ""
         return (
             f"{path}: sparsetune mask, format {metadata['format_version']}, "
-            f"method {metadata.get('method', 'unknown')!r}{made_for}\n"
+            f"method {metadata.get('method', 'unknown')!r}{options}{made_for}\n"
             f"{mask.summary(max_rows=None)}"
         )
     if kind == "delta":

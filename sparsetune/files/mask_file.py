@@ -5,7 +5,8 @@ A mask file holds one tensor per parameter, in whichever encoding is smaller:
 * ``"idx:<name>"``: int32 (or int64) sorted flat indices of the selected entries;
 * ``"bits:<name>"``: the entries packed 8 per byte (``numpy.packbits``, big-endian bit order).
 
-String metadata: ``format_version``, ``kind`` (``"mask"``), ``method``, ``density``,
+String metadata: ``format_version``, ``kind`` (``"mask"``), ``method``, optionally ``options``
+(JSON object of the selection's arguments, for the record only), ``density``,
 ``num_selected``, ``num_total``, ``always_train`` and ``parameters`` (JSON lists), and
 ``mask_digest`` (:meth:`Mask.digest`, checked on load). Nothing is pickled.
 
@@ -25,13 +26,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import FileFormatError, InvalidMaskError, ParameterMismatchError
+from ..errors import (
+    FileFormatError,
+    InvalidArgumentError,
+    InvalidMaskError,
+    ParameterMismatchError,
+)
 from ..mask import Mask
 from .atomic import atomic_save_safetensors
 from .table import (
@@ -90,6 +97,7 @@ def save_mask(
     *,
     method: str = "unknown",
     model: nn.Module | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> Path:
     """Save ``mask`` to ``path`` (a ``.safetensors`` file); returns the path written.
 
@@ -116,6 +124,11 @@ def save_mask(
         "parameters": encode_table(rows),
         "mask_digest": mask.digest(),
     }
+    if options is not None:
+        try:
+            metadata["options"] = json.dumps(dict(options), sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"mask options must be JSON-encodable: {exc}") from exc
     if model is not None:
         metadata["model_fingerprint"] = model_fingerprint(model)
         metadata["model_class"] = type(model).__name__

@@ -16,9 +16,27 @@ def save_mask_for_task(
     output: str | os.PathLike, method: str, density: float | None = None, **select_args: Any
 ) -> tuple[Path, Mask]:
     """:func:`sparsetune.select_for_task` ``(method, density, **select_args)``, then save the mask
-    to ``output`` with the method's name and the fingerprint of the model it was computed on.
+    to ``output`` with the method's name, its options (the plain-valued arguments given) and the
+    fingerprint of the model it was computed on.
 
     Returns the path written and the mask.
     """
     mask, model = select_for_task(method, density, **select_args)
-    return mask.save(output, method=method, model=model), mask
+    recorded = {"density": density, **select_args}
+    recorded.pop("progress", None)
+    recorded.update(recorded.pop("options", None) or {})
+    options = {k: _plain(v) for k, v in recorded.items() if v is not None}
+    return mask.save(output, method=method, model=model, options=options), mask
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON can hold it: paths as strings, other iterables as lists."""
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(str(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
