@@ -2,6 +2,10 @@
 
 Every hypothesis test runs under the ``sparsetune`` profile: no deadline (torch's first call
 into a kernel is slow and would trip it), few examples, derandomized so a run is reproducible.
+
+Device-dependent tests take the ``device`` fixture: CPU always, CUDA too where
+``torch.cuda.is_available()``. Every test that uses it is marked ``device``, so ``pytest -m
+device`` runs exactly those (on a GPU machine: both halves).
 """
 
 from __future__ import annotations
@@ -37,6 +41,22 @@ class TinyMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fc2(torch.tanh(self.fc1(x)))
         return y * self.scale if self.scale is not None else y
+
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each available device in turn: ``cpu`` always, ``cuda`` where present."""
+    return torch.device(request.param)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that takes ``device`` with the ``device`` marker."""
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
 
 
 @pytest.fixture(scope="session")
