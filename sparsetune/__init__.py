@@ -11,6 +11,7 @@ from .delta import BaseModelMismatchError, SparseDelta, merge_deltas
 from .errors import (
     CurvatureError,
     FileFormatError,
+    FileWriteError,
     InvalidArgumentError,
     InvalidMaskError,
     InvalidScoresError,
@@ -42,6 +43,7 @@ __all__ = [
     "ChildTuningF",
     "CurvatureError",
     "FileFormatError",
+    "FileWriteError",
     "InvalidArgumentError",
     "InvalidMaskError",
     "InvalidScoresError",

@@ -1,29 +1,55 @@
 """Validators for scalar arguments: each returns the value or raises one clear error.
 
 Every message names the argument, echoes the value received and says what is allowed
-(``"steps must be an integer >= 1, got steps=0"``). Imports nothing of sparsetune but ``errors``.
+(``"steps must be an integer >= 1, got steps=0"``). :func:`unwrap_compiled` gives the plain
+module behind ``torch.compile(model)``, so that every name sparsetune stores is the plain model's.
+Imports nothing of sparsetune but ``errors``.
 """
 
 from __future__ import annotations
 
+import numbers
+import sys
 from typing import Any
 
 from .errors import InvalidArgumentError
 
-__all__ = ["check_density", "check_int", "check_non_negative", "check_positive"]
+__all__ = [
+    "check_density", "check_int", "check_non_negative", "check_positive", "unwrap_compiled",
+]
 
 
 def check_density(density: Any, name: str = "density") -> float:
-    """Return ``density`` as a float, or raise if it is not in (0, 1]."""
-    try:
-        value = float(density)
-    except (TypeError, ValueError):
+    """Return ``density`` as a float, or raise if it is not a real number in (0, 1].
+
+    Strings, ``bool`` (``True`` would be a full mask), None and NaN are refused: a density is
+    never converted from another type.
+    """
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise InvalidArgumentError(
-            f"{name} must be a number in (0, 1], got {density!r}"
-        ) from None
-    if not (0.0 < value <= 1.0):
+            f"{name} must be a real number in (0, 1], got {name}={density!r} "
+            f"({type(density).__name__})"
+        )
+    value = float(density)
+    if not (0.0 < value <= 1.0):  # NaN fails every comparison
         raise InvalidArgumentError(f"{name} must be in (0, 1], got {name}={density!r}")
     return value
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The module that ``torch.compile(model)`` wraps, or ``model`` itself if not compiled.
+
+    A compiled model (``torch._dynamo.eval_frame.OptimizedModule``) shares its parameters with
+    the original but names them ``_orig_mod.NAME``; sparsetune keys masks, scores and deltas by
+    the plain names, so each entry point unwraps. Importing dynamo takes seconds, so it is not
+    imported here: a compiled model exists only once something else has imported it.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is None:
+        return model
+    while isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
 
 
 def check_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = False) -> Any:

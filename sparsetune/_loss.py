@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -91,26 +92,33 @@ def batches(
     limit: int | None = None,
     total: int | None = None,
     needed_by: str | None = None,
+    limit_name: str | None = None,
 ) -> Iterator[Any]:
     """The batches of ``data`` (at most ``limit``; all when None), with a tqdm bar.
 
     With ``needed_by`` (what reads the data, e.g. ``"curvature"``), data that yields no batch
-    raises :class:`InvalidArgumentError` once the iteration ends.
+    raises :class:`InvalidArgumentError` once the iteration ends. With ``limit_name`` (the
+    argument that gave ``limit``, e.g. ``"num_batches"``), data that ends before ``limit``
+    batches warns once, naming both numbers (callers that cycle over the data leave it None).
     """
     if total is None:
         total = limit
     if total is None and hasattr(data, "__len__"):
         total = len(data)  # type: ignore[arg-type]
     seen = 0
+    read = data if limit is None else itertools.islice(data, limit)  # not one batch more
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
-        for batch in data:
-            if limit is not None and seen >= limit:
-                break
+        for batch in read:
             yield batch
             seen += 1
             bar.update(1)
     if seen == 0 and needed_by is not None:
         raise InvalidArgumentError(_NO_BATCH.format(what=needed_by))
+    if limit_name is not None and limit is not None and 0 < seen < limit:
+        warnings.warn(
+            f"{limit_name}={limit} but the data yielded only {seen} batches: using {seen}",
+            UserWarning, stacklevel=3,
+        )
 
 
 def materialize(data: Iterable[Any], needed_by: str = "curvature") -> list[Any]:
@@ -180,18 +188,41 @@ def reiterable(data: Iterable[Any], limit: int | None, argname: str = "data") ->
 
 @contextlib.contextmanager
 def restoring(model: nn.Module, *, values: bool = True) -> Iterator[None]:
-    """Restore every module's train/eval mode on exit; with ``values`` also the parameters'
-    values and ``.grad`` fields (a clone of every parameter is held meanwhile)."""
+    """Put ``model`` back as it was on exit: every module's train/eval mode and every
+    parameter's ``requires_grad``; with ``values`` also, bit for bit, every parameter, every
+    buffer (BatchNorm's running statistics and batch counter, persistent or not) and every
+    ``.grad``. Clones of the parameters and buffers (and of any ``.grad``) are held meanwhile.
+
+    The same tensor objects are put back: a parameter, buffer or ``.grad`` that was replaced by
+    a new tensor is swapped back, then overwritten with its saved value, so optimizers and views
+    holding the originals still see the model's tensors.
+    """
     modes = [(m, m.training) for m in model.modules()]
-    saved = (
-        [(p, p.detach().clone(), p.grad) for p in model.parameters()] if values else []
-    )
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    # (slot, name, tensor) for every place a module holds a tensor; one clone per tensor
+    places, clones = [], {}
+    if values:
+        for m in model.modules():
+            for slot in (m._parameters, m._buffers):
+                for name, t in slot.items():
+                    if t is not None:
+                        places.append((slot, name, t))
+                        clones.setdefault(id(t), (t, t.detach().clone()))
+    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone())
+             for p, _ in flags] if values else []
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, value, grad in saved:
-                p.copy_(value)
+            for slot, name, t in places:
+                slot[name] = t
+            for t, value in clones.values():
+                t.copy_(value)
+            for p, grad, value in grads:
+                if grad is not None:
+                    grad.copy_(value)
                 p.grad = grad
+        for p, flag in flags:
+            p.requires_grad_(flag)
         for m, mode in modes:
             m.training = mode

@@ -10,6 +10,17 @@ For every entry of its support a delta keeps both values, theta0 and theta, in t
 own dtype (int32 flat index + 2 values: 12 bytes per fp32 entry, 8 per bf16 entry). That makes
 ``apply_to(base)`` and ``revert_from(tuned)`` exact, bit for bit, in every dtype; dtheta itself
 is computed in float64 when it is needed (scaling, merging, :meth:`SparseDelta.to_dense`).
+
+Buffers (model state that is not a parameter, e.g. BatchNorm's running statistics and batch
+counter) change during training too, so ``apply_to(base)`` can only rebuild the tuned model if
+the delta records them. ``extract`` compares every buffer the model saves (those in its
+``state_dict()``; non-persistent buffers are skipped) with ``base_state_dict`` bit for bit and
+keeps each changed one densely, base and tuned values (:attr:`SparseDelta.buffers`). A buffer
+``base_state_dict`` lacks (a parameters-only dict) cannot be compared: ``strict=True`` refuses,
+``strict=False`` leaves it out. Buffers behave like fully selected parameters: ``apply_to``
+writes them (``scale`` applies to them as to parameters; integer buffers are rounded to the
+nearest integer), ``revert_from`` restores them, merges combine them by the same policy. They
+are not part of the base fingerprint, the support or the norm.
 """
 
 from __future__ import annotations
@@ -18,24 +29,29 @@ import hashlib
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
 
-from .errors import InvalidArgumentError, ParameterMismatchError, SparsetuneError
+from ._checks import unwrap_compiled
+from ._delta_parts import (
+    BaseModelMismatchError,
+    DeltaEntry,
+    differing,
+    gather,
+    merged_entry,
+    rounded,
+    saved_buffers,
+)
+from .errors import InvalidArgumentError, ParameterMismatchError
 from .mask import Mask
 
 __all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "DeltaEntry", "SparseDelta",
-           "base_fingerprint", "merge_deltas"]
+           "base_fingerprint", "merge_deltas", "saved_buffers"]
 
 MERGE_POLICIES = ("sum", "mean", "error")
-
-
-class BaseModelMismatchError(SparsetuneError, ValueError):
-    """A delta is applied to (or reverted from) a model that is not its base (or tuned) model."""
 
 
 def base_fingerprint(params: Mapping[str, Tensor]) -> str:
@@ -48,33 +64,6 @@ def base_fingerprint(params: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
-class DeltaEntry:
-    """One parameter's support: flat indices (None = every entry), theta0 and theta there."""
-
-    shape: tuple[int, ...]
-    index: Tensor | None
-    base: Tensor  # 1-D, parameter dtype
-    tuned: Tensor  # 1-D, parameter dtype
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.dtype
-
-    @property
-    def numel(self) -> int:
-        """Entries of the whole parameter (not of the support)."""
-        return math.prod(self.shape)
-
-    def delta64(self) -> Tensor:
-        return self.tuned.to(torch.float64) - self.base.to(torch.float64)
-
-
-def _gather(t: Tensor, index: Tensor | None) -> Tensor:
-    flat = t.detach().reshape(-1)
-    return flat.clone() if index is None else flat[index.to(flat.device)]
-
-
 class SparseDelta:
     """theta - theta0 on the support of a mask, with the base model's fingerprint."""
 
@@ -84,8 +73,10 @@ class SparseDelta:
         base_fingerprint: str,
         method: str = "unknown",
         info: Mapping[str, str] | None = None,
+        buffers: Mapping[str, DeltaEntry] | None = None,
     ) -> None:
         self._entries = dict(entries)
+        self._buffers = dict(buffers or {})
         self.base_fingerprint = base_fingerprint
         self.method = method
         #: Free-form strings saved with the delta (e.g. the transformers architecture and
@@ -108,15 +99,19 @@ class SparseDelta:
 
         With ``strict=True`` (default) every entry outside the mask must equal the base, so the
         delta captures the whole change; otherwise :class:`BaseModelMismatchError` lists the
-        parameters that moved outside the mask.
+        parameters that moved outside the mask. Buffers that differ from ``base_state_dict``
+        (pass the base's ``state_dict()``) are recorded densely; with ``strict=True`` a buffer
+        it lacks is an error, with ``strict=False`` it is left out (module docstring).
         """
+        model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
         params = dict(model.named_parameters())
+        buffers = saved_buffers(model)
         mask.check(model)
         missing = [n for n in params if n not in base_state_dict]
         shapes = [
             f"{n}: base {tuple(base_state_dict[n].shape)} {base_state_dict[n].dtype}, "
             f"model {tuple(p.shape)} {p.dtype}"
-            for n, p in params.items()
+            for n, p in {**params, **buffers}.items()
             if n in base_state_dict
             and (base_state_dict[n].shape != p.shape or base_state_dict[n].dtype != p.dtype)
         ]
@@ -125,6 +120,19 @@ class SparseDelta:
                 f"base_state_dict does not match the model: missing {missing}; "
                 f"mismatched {shapes}"
             )
+        absent = [n for n in buffers if n not in base_state_dict]
+        if absent and strict:
+            raise ParameterMismatchError(
+                f"base_state_dict lacks the model's buffers {absent}, so the delta cannot tell "
+                f"whether they changed (BatchNorm statistics do in training): pass the base "
+                f"model's state_dict() (parameters and buffers), or strict=False to leave them out"
+            )
+        changed = {}
+        for name, b in buffers.items():
+            if name in base_state_dict and differing(b, base_state_dict[name]):
+                old = base_state_dict[name].detach().to(b.device)
+                changed[name] = DeltaEntry(tuple(b.shape), None, gather(old, None),
+                                           gather(b, None))
         base = {n: base_state_dict[n].detach() for n in params}
         moved_outside, entries = [], {}
         for name, p in params.items():
@@ -139,14 +147,14 @@ class SparseDelta:
                 continue
             index = None if bool(selected.all()) else torch.nonzero(selected.reshape(-1))[:, 0]
             entries[name] = DeltaEntry(
-                tuple(new.shape), index, _gather(old, index), _gather(new, index)
+                tuple(new.shape), index, gather(old, index), gather(new, index)
             )
         if moved_outside:
             raise BaseModelMismatchError(
                 f"the model differs from the base outside the mask in {moved_outside}; the delta "
                 f"would not reproduce it (pass strict=False to keep only the masked change)"
             )
-        return cls(entries, base_fingerprint(base), method, info)
+        return cls(entries, base_fingerprint(base), method, info, changed)
 
     # -- counts ---------------------------------------------------------------------------
     @property
@@ -157,6 +165,11 @@ class SparseDelta:
     def entries(self) -> Mapping[str, DeltaEntry]:
         """``name -> DeltaEntry`` (read-only), in the delta's parameter order."""
         return MappingProxyType(self._entries)
+
+    @property
+    def buffers(self) -> Mapping[str, DeltaEntry]:
+        """``name -> DeltaEntry`` (read-only, dense) of the buffers that changed."""
+        return MappingProxyType(self._buffers)
 
     @property
     def num_entries(self) -> int:
@@ -193,6 +206,8 @@ class SparseDelta:
             f"{self.num_entries:,} entries in {len(rows)} parameters; method {self.method!r}; "
             f"base fingerprint {self.base_fingerprint[:16]}..."
         )
+        if self._buffers:
+            lines.append(f"{len(self._buffers)} buffers recorded densely: {list(self._buffers)}")
         return "\n".join(lines)
 
     def to_dense(self) -> dict[str, Tensor]:
@@ -214,17 +229,19 @@ class SparseDelta:
         return Mask(bits)
 
     # -- model ----------------------------------------------------------------------------
-    def _check_fits(self, params: Mapping[str, Tensor]) -> None:
+    def _check_fits(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> None:
         missing = [n for n in self._entries if n not in params]
+        missing_buffers = [n for n in self._buffers if n not in buffers]
         wrong = [
-            f"{n}: delta {e.shape} {e.dtype}, model {tuple(params[n].shape)} {params[n].dtype}"
-            for n, e in self._entries.items()
-            if n in params and (tuple(params[n].shape) != e.shape or params[n].dtype != e.dtype)
+            f"{n}: delta {e.shape} {e.dtype}, model {tuple(t[n].shape)} {t[n].dtype}"
+            for entries, t in ((self._entries, params), (self._buffers, buffers))
+            for n, e in entries.items()
+            if n in t and (tuple(t[n].shape) != e.shape or t[n].dtype != e.dtype)
         ]
-        if missing or wrong:
+        if missing or missing_buffers or wrong:
             raise ParameterMismatchError(
                 f"delta does not fit the model: parameters the model lacks {missing}; "
-                f"mismatched {wrong}"
+                f"buffers the model lacks {missing_buffers}; mismatched {wrong}"
             )
 
     @staticmethod
@@ -245,9 +262,11 @@ class SparseDelta:
 
         ``scale=1`` writes the tuned values exactly; other scales compute theta0 + scale dtheta
         in float64 and round once. The model must be the delta's base (fingerprint checked).
+        Recorded buffers are written too, by the same rule.
         """
-        params = dict(model.named_parameters())
-        self._check_fits(params)
+        model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
+        params, buffers = dict(model.named_parameters()), saved_buffers(model)
+        self._check_fits(params, buffers)
         if check_base:
             found = base_fingerprint(params)
             if found != self.base_fingerprint:
@@ -256,14 +275,19 @@ class SparseDelta:
                     f"{self.base_fingerprint[:12]}..., the model has {found[:12]}...); load the "
                     f"right base, or pass check_base=False to apply it anyway"
                 )
-        for name, e in self._entries.items():
-            p = params[name]
+
+        def value(t: Tensor, e: DeltaEntry, name: str) -> Tensor:
             if scale == 1.0:
-                values = e.tuned
-            else:
-                current = _gather(p, e.index).to(torch.float64)
-                values = (current + float(scale) * e.delta64().to(p.device)).to(p.dtype)
-            self._write(p, e.index, values)
+                return e.tuned
+            current = gather(t, e.index).to(torch.float64)
+            return rounded(current + float(scale) * e.delta64().to(t.device), t.dtype, name)
+
+        # buffers first, before anything is written: one that cannot be scaled changes nothing
+        staged = [(buffers[n], value(buffers[n], e, n)) for n, e in self._buffers.items()]
+        for name, e in self._entries.items():
+            self._write(params[name], e.index, value(params[name], e, name))
+        for b, values in staged:
+            self._write(b, None, values)
         return model
 
     @torch.no_grad()
@@ -273,20 +297,27 @@ class SparseDelta:
         The model's values on the support must be the tuned ones; otherwise nothing changes
         and :class:`BaseModelMismatchError` says how many entries differ.
         """
-        params = dict(model.named_parameters())
-        self._check_fits(params)
-        differing = []
+        model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
+        params, buffers = dict(model.named_parameters()), saved_buffers(model)
+        self._check_fits(params, buffers)
+        wrong = []
         for name, e in self._entries.items():
-            count = int((_gather(params[name], e.index) != e.tuned.to(params[name].device)).sum())
+            count = int((gather(params[name], e.index) != e.tuned.to(params[name].device)).sum())
             if count:
-                differing.append(f"{name} ({count} entries)")
-        if differing:
+                wrong.append(f"{name} ({count} entries)")
+        for name, e in self._buffers.items():
+            count = differing(gather(buffers[name], None), e.tuned)
+            if count:
+                wrong.append(f"{name} (buffer, {count} entries)")
+        if wrong:
             raise BaseModelMismatchError(
-                f"the model does not hold this delta's tuned values in {differing}; "
+                f"the model does not hold this delta's tuned values in {wrong}; "
                 f"nothing was changed"
             )
         for name, e in self._entries.items():
             self._write(params[name], e.index, e.base)
+        for name, e in self._buffers.items():
+            self._write(buffers[name], None, e.base)
         return model
 
     def __add__(self, other: SparseDelta) -> SparseDelta:
@@ -316,8 +347,11 @@ def merge_deltas(
 
     ``"sum"`` adds the changes (task arithmetic), ``"mean"`` averages them over the deltas that
     cover each entry, ``"error"`` refuses deltas whose supports overlap. Combined values are
-    computed in float64 and rounded once to the parameter dtype. The merged delta keeps the
-    deltas' :attr:`~SparseDelta.info` when they all carry the same, and none otherwise.
+    computed in float64 and rounded once to the parameter dtype. Recorded buffers are combined
+    the same way, as fully covered tensors (``"error"`` refuses two deltas that both change
+    one; integer buffers are rounded to the nearest integer); deltas that record different base
+    values for a buffer are refused. The merged delta keeps the deltas'
+    :attr:`~SparseDelta.info` when they all carry the same, and none otherwise.
     """
     deltas = list(deltas)
     if not deltas:
@@ -326,34 +360,12 @@ def merge_deltas(
         raise InvalidArgumentError(f"policy must be one of {list(MERGE_POLICIES)}, got {policy!r}")
     if len({d.base_fingerprint for d in deltas}) != 1:
         raise BaseModelMismatchError("cannot merge deltas of different base models")
-    entries: dict[str, DeltaEntry] = {}
-    for name in dict.fromkeys(n for d in deltas for n in d._entries):
-        parts = [d._entries[name] for d in deltas if name in d._entries]
-        first = parts[0]
-        if any(p.shape != first.shape or p.dtype != first.dtype for p in parts):
-            raise ParameterMismatchError(f"deltas disagree on the shape or dtype of '{name}'")
-        numel = torch.Size(first.shape).numel()
-        device = first.base.device
-        total = torch.zeros(numel, dtype=torch.float64, device=device)
-        base = torch.zeros(numel, dtype=first.dtype, device=device)
-        count = torch.zeros(numel, dtype=torch.int64, device=device)
-        for p in parts:
-            where = slice(None) if p.index is None else p.index
-            total[where] += p.delta64()
-            base[where] = p.base
-            count[where] += 1
-        if policy == "error" and bool((count > 1).any()):
-            raise InvalidArgumentError(
-                f"deltas overlap on {int((count > 1).sum())} entries of '{name}' "
-                f"(policy='error'); use policy='sum' or 'mean'"
-            )
-        if policy == "mean":
-            total = total / count.clamp(min=1)
-        covered = count > 0
-        index = None if bool(covered.all()) else torch.nonzero(covered)[:, 0]
-        where = slice(None) if index is None else index
-        tuned = (base[where].to(torch.float64) + total[where]).to(first.dtype)
-        entries[name] = DeltaEntry(first.shape, index, base[where].clone(), tuned)
+    merged = []
+    for tables in ([d._entries for d in deltas], [d._buffers for d in deltas]):
+        merged.append({
+            name: merged_entry(name, [t[name] for t in tables if name in t], policy)
+            for name in dict.fromkeys(n for t in tables for n in t)
+        })
     infos = [d.info for d in deltas]
-    return SparseDelta(entries, deltas[0].base_fingerprint, method,
-                       infos[0] if all(i == infos[0] for i in infos) else None)
+    return SparseDelta(merged[0], deltas[0].base_fingerprint, method,
+                       infos[0] if all(i == infos[0] for i in infos) else None, merged[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "CurvatureError",
     "FileFormatError",
+    "FileWriteError",
     "InvalidArgumentError",
     "InvalidMaskError",
     "InvalidScoresError",
@@ -48,6 +49,13 @@ class CurvatureError(SparsetuneError, ValueError):
 
 class FileFormatError(SparsetuneError, ValueError):
     """A file is not a sparsetune file of the expected kind and version, or is damaged."""
+
+
+class FileWriteError(SparsetuneError, OSError):
+    """A file could not be written: the message names the target and the reason.
+
+    Also an ``OSError`` (``errno`` set where known), so callers that catch those keep working.
+    """
 
 
 class ParameterMismatchError(SparsetuneError, KeyError):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._checks import unwrap_compiled
 from ._topk import SCOPES, budget_size, top_k_entries
 from .errors import (
     InvalidMaskError,
@@ -109,6 +110,7 @@ class Mask(Mapping[str, Tensor]):
     @classmethod
     def full(cls, model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
         """Every entry of every parameter selected (dense fine-tuning)."""
+        model = unwrap_compiled(model)
         return cls(
             {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()},
             always_train=always_train,
@@ -117,6 +119,7 @@ class Mask(Mapping[str, Tensor]):
     @classmethod
     def empty(cls, model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
         """No entry selected, except the ``always_train`` parameters."""
+        model = unwrap_compiled(model)
         return cls(
             {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()},
             always_train=always_train,
@@ -136,7 +139,8 @@ class Mask(Mapping[str, Tensor]):
 
         Args:
             scores: ``name -> tensor`` of finite scores, shaped like the parameters.
-            density: p in (0, 1].
+            density: p in (0, 1], a real number (not a string or bool); a budget of 0
+                entries is an error naming the smallest density that selects one.
             scope: ``"global"`` keeps exactly k = floor(m p) entries over all budgeted
                 parameters together (m = their total size; the paper's Theorem 3);
                 ``"per_tensor"`` keeps floor(numel p) entries of each tensor (the authors'
@@ -342,6 +346,7 @@ class Mask(Mapping[str, Tensor]):
         """
         from .files.mask_file import save_mask
 
+        model = None if model is None else unwrap_compiled(model)
         return save_mask(self, path, method=method, model=model, options=options)
 
     @classmethod
@@ -350,7 +355,7 @@ class Mask(Mapping[str, Tensor]):
         model's, when the file was saved with ``model=``)."""
         from .files.mask_file import load_mask
 
-        return load_mask(path, model=model)
+        return load_mask(path, model=None if model is None else unwrap_compiled(model))
 
     # -- model ----------------------------------------------------------------------------
     def check(self, model: nn.Module, *, complete: bool = False) -> Mask:
@@ -358,8 +363,10 @@ class Mask(Mapping[str, Tensor]):
 
         Every name must be a parameter of ``model`` with the same shape. With ``complete=True``
         every parameter of ``model`` that requires grad must also be in the mask. All problems
-        are listed in one error. Returns ``self`` so calls can be chained.
+        are listed in one error. Returns ``self`` so calls can be chained. A compiled model
+        (``torch.compile``) is checked by its plain names.
         """
+        model = unwrap_compiled(model)
         params = dict(model.named_parameters())
         unexpected = [n for n in self._tensors if n not in params]
         misshaped = [

@@ -15,12 +15,19 @@ Checks (plain functions that raise ``AssertionError`` with a readable message):
 * :func:`empirical_stability`: the leave-one-out stability of a training function (E3), with
   its spread.
 
+Hypothesis fails any example slower than its default deadline of 200 ms, and one step of a real
+model takes longer: put ``@settings(deadline=None)`` on every ``@given`` test of a torch model.
+Importing this module builds one throwaway optimizer, so that torch's one-time lazy import on
+the first optimizer built (about a second) is not charged to the first example; small models
+then meet the default deadline too.
+
 Example (a user's test file)::
 
-    from hypothesis import given
+    from hypothesis import given, settings
     import sparsetune as st
     from sparsetune import testing as stt
 
+    @settings(deadline=None)
     @given(mask=stt.masks(my_model()))
     def test_my_optimizer_keeps_frozen_entries(mask):
         stt.check_optimizer_respects_mask(
@@ -59,6 +66,19 @@ __all__ = [
 ]
 
 Shapes = Mapping[str, Sequence[int] | torch.Size]
+
+
+def _warm_up_torch() -> None:
+    """Build and step a throwaway optimizer: torch imports ``torch._dynamo`` lazily when the
+    first optimizer is built (about 1 s), which inside a hypothesis test would fall on the
+    first example and exceed the default 200 ms deadline. Here it is paid at import."""
+    param = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.AdamW([param], lr=0.0)
+    param.grad = torch.zeros(1)
+    optimizer.step()
+
+
+_warm_up_torch()
 
 
 # -- strategies ----------------------------------------------------------------------------------

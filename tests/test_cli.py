@@ -53,6 +53,28 @@ def test_bad_files_exit_2_with_one_line(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_info_into_a_pipe_closed_early_exits_quietly(tmp_path):
+    """``sparsetune info FILE | head -5``: no BrokenPipeError traceback, whenever it closes."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(1500)])  # ~200 kB out
+    path = st.Mask.full(model).save(tmp_path / "mask.safetensors")
+    for lines in (0, 5):
+        child = subprocess.Popen([sys.executable, "-m", "sparsetune.cli", "info", str(path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(lines):
+            assert child.stdout.readline()
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        assert child.wait(timeout=120) == 1 and err == "", err
+
+
+def test_a_directory_or_a_device_as_a_file_is_one_line(tmp_path):
+    for path in (tmp_path, "/dev/null"):
+        for args in (["info", str(path)], ["delta", "merge", str(path), "-o", "x"]):
+            out = _run(*args)
+            assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+            assert f"{path} is not a regular file" in out.stderr
+
+
 def test_help_and_version():
     out = _run("--help")
     assert out.returncode == 0 and "demo" in out.stdout and "info" in out.stdout

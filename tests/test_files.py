@@ -9,16 +9,18 @@ and saving what was loaded must give the same metadata and tensors: the formats 
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hs
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save, save_file
 
 import sparsetune as st
-from sparsetune.files import FORMAT_VERSION, read_metadata
+from sparsetune.files import FORMAT_VERSION, atomic_save_safetensors, describe_file, read_metadata
 from sparsetune.files.table import (
     check_indices,
     decode_table,
@@ -140,3 +142,52 @@ def test_mask_options_are_recorded_and_optional(tmp_path):
     with pytest.raises(st.InvalidArgumentError, match="JSON-encodable"):
         mask.save(tmp_path / "bad.safetensors", options={"fn": object()})
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def _header(raw: bytes) -> tuple[dict, bytes]:
+    (size,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def test_safetensors_files_are_streamed_into_one_fsynced_temporary_file(tmp_path, monkeypatch):
+    tensors = {
+        "f64": torch.randn(3, dtype=torch.float64), "f32": torch.randn(2, 3),
+        "bf16": torch.randn(5).to(torch.bfloat16), "f16": torch.randn(1).half(),
+        "i64": torch.arange(4), "i32": torch.arange(3, dtype=torch.int32),
+        "u8": torch.tensor([1, 255], dtype=torch.uint8), "bool": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4, dtype=torch.int32),
+        "f8": torch.randn(3).to(torch.float8_e4m3fn), "strided": torch.randn(4, 3).t(),
+    }
+    metadata = {"kind": "test", "note": "caf\u00e9"}
+    listings = []
+    fsync = os.fsync
+
+    def watched(fd):
+        listings.append(sorted(p.name for p in tmp_path.iterdir()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", watched)
+    path = atomic_save_safetensors(tensors, tmp_path / "t.safetensors", metadata)
+    monkeypatch.undo()
+    # the file, then the folder: one temporary file beside the target, renamed after its fsync
+    (tmp, *rest), after = listings
+    assert not rest and tmp.startswith(".t.safetensors.") and tmp.endswith(".sparsetune.tmp")
+    assert after == ["t.safetensors"]
+    loaded = load_file(path)
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
+        bits = loaded[key].reshape(-1).view(torch.uint8)
+        assert torch.equal(bits, value.contiguous().reshape(-1).view(torch.uint8)), key
+    # what safetensors itself writes: the same header (but for its keys' order), the same bytes
+    ours, theirs = _header(path.read_bytes()), _header(
+        save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("load", [st.Mask.load, st.SparseDelta.load, Subspace.load, read_kind,
+                                  describe_file])
+def test_a_directory_or_a_device_is_not_a_regular_file(tmp_path, load):
+    with pytest.raises(st.FileFormatError, match=r"is not a regular file \(it is a directory\)"):
+        load(tmp_path)
+    with pytest.raises(st.FileFormatError, match=r"^/dev/null is not a regular file"):
+        load("/dev/null")

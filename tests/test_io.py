@@ -89,8 +89,8 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("sparsetune.files.atomic.save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr("os.write", broken)
+    with pytest.raises(st.FileWriteError, match=f"cannot write {target}: disk full"):
         Mask.empty(torch.nn.Linear(2, 2)).save(target)
     assert target.read_bytes() == before  # old file intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.safetensors"]  # no temp left

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as hs
 
 import sparsetune as st
@@ -45,9 +45,13 @@ def brute_force_top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torc
 
 @given(score_dicts(), densities)
 def test_global_top_k_matches_brute_force(scores, density):
-    mask = Mask.top_k(scores, density, scope="global")
     m = sum(s.numel() for s in scores.values())
     k = math.floor(Fraction(repr(density)) * m)
+    if k == 0 and m > 0:  # a budget of no entry is refused (issue 20)
+        with pytest.raises(st.InvalidArgumentError, match="selects no entry"):
+            Mask.top_k(scores, density, scope="global")
+        return
+    mask = Mask.top_k(scores, density, scope="global")
     assert mask.num_selected == k
     assert mask.num_total == m
     expected = brute_force_top_k(scores, k)
@@ -57,6 +61,12 @@ def test_global_top_k_matches_brute_force(scores, density):
 
 @given(score_dicts(), densities)
 def test_per_tensor_top_k_matches_brute_force(scores, density):
+    if sum(s.numel() for s in scores.values()) and not any(
+        st.budget_size(s.numel(), density) for s in scores.values()
+    ):  # a budget of no entry is refused (issue 20)
+        with pytest.raises(st.InvalidArgumentError, match="selects no entry"):
+            Mask.top_k(scores, density, scope="per_tensor")
+        return
     mask = Mask.top_k(scores, density, scope="per_tensor")
     for name, s in scores.items():
         k = st.budget_size(s.numel(), density)
@@ -108,6 +118,8 @@ def test_full_empty_and_from_dict_copy_their_input():
 
 @given(score_dicts(max_tensors=3), densities, densities)
 def test_algebra_is_elementwise(scores, p, q):
+    m = sum(s.numel() for s in scores.values())
+    assume(m == 0 or min(st.budget_size(m, p), st.budget_size(m, q)) >= 1)
     a = Mask.top_k(scores, p)
     b = Mask.top_k({n: -s for n, s in scores.items()}, q)
     for name in scores:

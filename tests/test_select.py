@@ -230,6 +230,12 @@ def test_budget_is_exact_for_every_method_with_a_density(method, density, scope,
     data = {"data": _data(2), "loss_fn": _loss, "progress": False} if (
         method in dict(_DATA_DRIVEN)) else {}
     always = ["3.weight"] if head else []
+    sizes = [p.numel() for n, p in model.named_parameters() if n not in always]
+    if (sum(st.budget_size(s, density) for s in sizes) if scope == "per_tensor"
+            else st.budget_size(sum(sizes), density)) == 0:  # refused (issue 20)
+        with pytest.raises(st.InvalidArgumentError, match="selects no entry"):
+            st.select(model, method, density, scope=scope, always_train=always, **data, **extra)
+        return
     mask = st.select(model, method, density, scope=scope, always_train=always, **data, **extra)
     if scope == "global":
         assert mask.num_selected == st.budget_size(mask.num_total, density)

@@ -55,6 +55,10 @@ def test_global_targets_keep_the_k_best_candidates_of_the_whole_budget(
         with pytest.raises(InvalidArgumentError, match="more than the"):
             Mask.top_k(scores, density, always_train=always, targets=targets)
         return
+    if k == 0:  # a budget of no entry is refused (issue 20)
+        with pytest.raises(InvalidArgumentError, match="selects no entry"):
+            Mask.top_k(scores, density, always_train=always, targets=targets)
+        return
     mask = Mask.top_k(scores, density, always_train=always, targets=targets)
     assert chosen_entries(mask, targets) == brute_force_top(scores, targets, k)
     for n in budget:

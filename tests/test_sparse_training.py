@@ -471,3 +471,25 @@ def test_zero_grad_without_set_to_none_then_backward(make_mlp):
         opt.zero_grad(set_to_none=False)  # sparse gradients are emptied, not freed
         model(x).pow(2).sum().backward()
         assert_selected_gradients_match(model, mask, expected)
+
+
+def test_selected_gradient_converts_to_the_dtype_asked_for(make_mlp):
+    """``dtype`` (or a float32 ``out``) converts dense and compact gradients alike; a 64-bit
+    weight has no float32 accumulator, so its values are just converted."""
+    model = make_mlp(seed=7)
+    mask = random_mask(model, 0.5, seed=23)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(24))
+    with st.prepare(model, mask) as handle:
+        model(x).pow(2).sum().backward()
+        for name, p in model.named_parameters():
+            if not bool(mask[name].any()):
+                continue
+            index = Selection(mask[name], p.device).index
+            exact = selected_gradient(p, index)
+            assert exact.dtype == torch.float64
+            assert (name in handle.compact) == p.grad.is_sparse
+            as32 = selected_gradient(p, index, dtype=torch.float32)
+            torch.testing.assert_close(as32, exact.float(), atol=0, rtol=0)
+            out = torch.empty(exact.numel(), dtype=torch.float32)
+            selected_gradient(p, index, out=out)
+            torch.testing.assert_close(out, as32, atol=0, rtol=0)

@@ -2,13 +2,16 @@
 
 Each command lives in its own module of this package, with ``COMMANDS`` (the sub-command names
 it handles), ``add_parsers(subparsers)`` and ``run(args)``. Bad input exits with status 2 and one
-line on stderr, without a traceback.
+line on stderr, without a traceback; so does a file that cannot be read or written (any
+``OSError``). When the reader of stdout goes away (``sparsetune info FILE | head -5``) the
+command stops quietly with status 1, as Python's own documentation recommends for SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -58,7 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         owners[args.command].run(args)
-    except (SparsetuneError, FileNotFoundError, IsADirectoryError) as exc:
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+    except BrokenPipeError:
+        return _stdout_closed()
+    except (SparsetuneError, OSError) as exc:
         print(f"sparsetune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stdout_closed() -> int:
+    """Point stdout at devnull: Python flushes it again at exit, which would raise once more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 1

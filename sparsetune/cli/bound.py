@@ -56,8 +56,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..files import check_writable
     from ..workflows import diagnose_for_task
 
+    check_writable(args.json, args.plot)  # before minutes of Hessian-vector products
     report = diagnose_for_task(
         args.data, args.mask, model=None if args.model == "embedded" else args.model,
         delta=args.delta, num_examples=args.num_examples, n=args.n, lam=args.lam,

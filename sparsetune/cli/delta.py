@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.action == "extract":
         delta = extract_from_pretrained(args.base, args.tuned, args.mask, seed=args.seed,
-                                        strict=not args.masked_only)
-        print(f"{delta.save(args.output)}: {delta!r}")
+                                        strict=not args.masked_only, output=args.output)
+        print(f"{args.output}: {delta!r}")
     elif args.action == "apply":
         print(f"{apply_to_pretrained(args.base, args.delta, args.output, scale=args.scale)}: "
               f"tuned model saved")

@@ -68,7 +68,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.command == "demo":
         from ..demo import run_real_demo
+        from ..files import check_writable
 
+        check_writable(args.output_dir, folder=True)  # before minutes of training
         result = run_real_demo(
             task=args.task, method=args.method, density=args.density, steps=args.steps,
             seed=args.seed, output_dir=args.output_dir, progress=not args.no_progress,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "Row",
     "check_indices",
+    "check_regular_file",
     "decode_table",
     "encode_table",
     "index_dtype",
@@ -70,8 +72,24 @@ def json_field(path: str | os.PathLike, metadata: Mapping[str, str], key: str,
         raise FileFormatError(f"{path}: damaged metadata ({exc})") from exc
 
 
+def check_regular_file(path: str | os.PathLike) -> None:
+    """Refuse a directory, a device (``/dev/null``) or a pipe as a file to read, in one line.
+
+    A path that does not exist is left for the reader to report (``FileNotFoundError``).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        what = ("a directory" if stat.S_ISDIR(mode) else "a device"
+                if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a pipe or socket")
+        raise FileFormatError(f"{path} is not a regular file (it is {what})")
+
+
 def read_kind(path: str | os.PathLike) -> str | None:
     """The ``kind`` a safetensors file declares (None when it declares none)."""
+    check_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("kind")
@@ -83,6 +101,7 @@ def read_kind(path: str | os.PathLike) -> str | None:
 
 def read_metadata(path: str | os.PathLike, kind: str) -> dict[str, str]:
     """The metadata of a sparsetune file, after checking its kind and version."""
+    check_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -39,7 +39,7 @@ from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
 from ..optim import reject_sharded_parameters as _reject_sharded
-from ..select import METHODS, method_spec, select
+from ..select import METHODS, check_select, method_spec, select
 
 __all__ = [
     "ALL_REDUCED_METHODS",
@@ -199,6 +199,8 @@ def select_distributed(
     masks are checked to be identical on every rank.
     """
     _check_initialized()
+    model = check_select(model, method, density, scope=scope, seed=seed,
+                         always_train=always_train, options=options).model
     spec = method_spec(method)
     if spec.all_reducible:
         extra = sorted(set(options) - spec.statistic_options)

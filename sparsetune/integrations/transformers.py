@@ -58,8 +58,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import unwrap_compiled
 from .._loss import FirstBatches
-from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint
+from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint, saved_buffers
 from ..errors import InvalidArgumentError, StateMismatchError
 from ..files import read_metadata
 from ..mask import Mask
@@ -111,11 +112,14 @@ class SparseTuningCallback(TrainerCallback):
     def __init__(self, model: nn.Module, mask: Mask, *, method: str = "unknown") -> None:
         if not isinstance(mask, Mask):
             raise InvalidArgumentError(f"mask must be a sparsetune.Mask, got {type(mask).__name__}")
+        model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
         mask.check(model, complete=True)
         self.mask = mask
         self.method = method
         params = dict(model.named_parameters())
         self.base_fingerprint = base_fingerprint(params)
+        # persistent buffers (BatchNorm statistics): the delta records those training changes
+        self._buffers0 = {n: b.detach().clone() for n, b in saved_buffers(model).items()}
         self._theta0 = {
             n: params[n].detach()[mask[n].to(params[n].device)].clone()
             for n, row in mask.per_parameter().items()
@@ -123,9 +127,10 @@ class SparseTuningCallback(TrainerCallback):
         }
 
     def base_state(self, model: nn.Module) -> dict[str, Tensor]:
-        """theta0 for every parameter: the current values with the selected entries reset."""
-        base = {}
-        for name, p in model.named_parameters():
+        """theta0 for every parameter (the current values with the selected entries reset) and
+        the persistent buffers as they were before training."""
+        base = dict(self._buffers0)
+        for name, p in unwrap_compiled(model).named_parameters():
             value = p.detach()
             if name in self._theta0:
                 value = value.clone()
@@ -135,6 +140,7 @@ class SparseTuningCallback(TrainerCallback):
 
     def delta(self, model: nn.Module) -> SparseDelta:
         """theta - theta0 of ``model`` on the mask (theory/ E1)."""
+        model = unwrap_compiled(model)
         self.mask.check(model)
         delta = SparseDelta.extract(model, self.base_state(model), self.mask, method=self.method)
         if delta.base_fingerprint != self.base_fingerprint:
@@ -317,7 +323,7 @@ class SparseTrainer(Trainer):
                 f"(digests {mask.digest()[:12]}... and {self._given_mask.digest()[:12]}...)"
             )
         saved = read_metadata(folder / DELTA_FILE, "delta")["base_fingerprint"]
-        found = base_fingerprint(dict(self.model.named_parameters()))
+        found = base_fingerprint(dict(unwrap_compiled(self.model).named_parameters()))
         if saved != found:
             raise BaseModelMismatchError(
                 f"the model given to SparseTrainer is not the base model {folder} was tuned from "
@@ -383,8 +389,9 @@ class SparseTrainer(Trainer):
             )
         if self.sparse_mask is None or self.sparse_callback is None:
             self._attach(self.sparse_mask if self.sparse_mask is not None else self.select_mask())
-        decay = set(self.get_decay_parameter_names(self.model))
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        plain = unwrap_compiled(self.model)  # torch.compile: the mask's (plain) names
+        decay = set(self.get_decay_parameter_names(plain))
+        named = [(n, p) for n, p in plain.named_parameters() if p.requires_grad]
         groups = [
             {"params": [(n, p) for n, p in named if n in decay],
              "weight_decay": self.args.weight_decay},

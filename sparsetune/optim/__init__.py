@@ -3,7 +3,8 @@
 * :class:`MaskedOptimizer` wraps any ``torch.optim.Optimizer``: frozen entries never move.
 * :class:`SparseAdamW`, :class:`SparseSGD` keep state only for the selected entries (their step
   runs as ``impl`` says: ``"flat"``, ``"foreach"`` or ``"forloop"``, see :mod:`.compact`); they
-  also read the compact gradients of :func:`sparsetune.prepare` (:mod:`sparsetune.sparse_grad`).
+  also read the compact gradients of :func:`sparsetune.prepare` (:mod:`sparsetune.sparse_grad`),
+  and keep fp32 master values of the selected entries of bf16/fp16 parameters (:mod:`.masters`).
 * :class:`ChildTuningF` redraws a random gradient mask at every step (Child-Tuning-F).
 * :class:`Mixout` mixes entries back to their pretrained values at random every step (Mixout).
 """

@@ -5,12 +5,16 @@ The step has three implementations (``impl``, :data:`IMPLS`), which give the sam
 updates them with one set of tensor ops per step, so the launches do not grow with the number
 of tensors; ``"foreach"`` runs torch's multi-tensor ops over the per-parameter tensors;
 ``"forloop"`` updates one parameter at a time, the obviously-correct twin.
+
+Every step starts from the parameters' current values (they are read, O(k), at each step), so
+writes between steps of any kind are seen. bf16/fp16 parameters get fp32 master values of
+their selected entries and fp32 state (:mod:`.masters`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +25,15 @@ from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
 from ..sparse_grad import selected_gradient
+from .flat import FlatGroup
+from .masters import (
+    check_master_weights,
+    fit_state,
+    remember_full_precision_state,
+    restore_full_precision_state,
+    resync_,
+    state_dtype,
+)
 from .selection import (
     STATE_KEY,
     Selection,
@@ -52,6 +65,11 @@ class CompactStateOptimizer(Optimizer):
     The step runs as each param group's ``"impl"`` says (see :data:`IMPLS`); ``"flat"`` falls
     back to ``"foreach"`` for a step where some selected parameter of the group has no
     gradient, and for a group whose parameters differ in device or dtype or are not contiguous.
+
+    Each step reads the selected values from the parameters, so writes made between steps (of
+    any kind) are the starting point. A group's ``"master_weights"`` (None or True: masters for
+    bf16/fp16 parameters; False: none; fp32/fp64 parameters never need one) is explained in
+    :mod:`sparsetune.optim.masters`.
     """
 
     #: The values of ``impl`` this optimizer offers; the first is the automatic choice.
@@ -64,6 +82,7 @@ class CompactStateOptimizer(Optimizer):
             raise InvalidArgumentError(
                 f"decay_to must be one of {list(DECAY_TARGETS)}, got {defaults.get('decay_to')!r}"
             )
+        check_master_weights(defaults.get("master_weights"))
         defaults = dict(defaults)
         defaults["impl"] = self._resolved_impl(defaults.get("impl"), defaults.pop("foreach", None))
         if isinstance(model_or_named_params, torch.nn.Module):
@@ -71,36 +90,58 @@ class CompactStateOptimizer(Optimizer):
         groups = named_parameter_groups(model_or_named_params)
         self.mask = mask
         self._selections: dict[Tensor, Selection] = {}
-        self._flats: dict[int, _FlatGroup] = {}
+        self._flats: dict[int, FlatGroup] = {}
         super().__init__(groups, defaults)
         self.register_state_dict_post_hook(_add_fingerprint)
         self.register_load_state_dict_pre_hook(_pop_and_check_fingerprint)
         self.register_load_state_dict_pre_hook(_impl_from_foreach)
+        self.register_load_state_dict_pre_hook(remember_full_precision_state)
         self.register_load_state_dict_post_hook(_forget_flat_state)
+        self.register_load_state_dict_post_hook(restore_full_precision_state)
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        # torch.amp.GradScaler refuses to unscale fp16 gradients itself; with fp16 parameters
+        # it hands this optimizer ``grad_scale`` and ``found_inf`` instead (see :meth:`step`).
+        return any(p.dtype == torch.float16 for g in self.param_groups for p in g["params"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of ``(name, parameter)`` pairs; on any error the optimizer is unchanged."""
         decay_to = param_group.get("decay_to", self.defaults["decay_to"])
         if decay_to not in DECAY_TARGETS:
             raise InvalidArgumentError(
                 f"decay_to must be one of {list(DECAY_TARGETS)}, got {decay_to!r}"
             )
+        check_master_weights(param_group.get("master_weights"))
         if "impl" in param_group or "foreach" in param_group:
+            param_group = dict(param_group)
             foreach = param_group.pop("foreach", None)
             param_group["impl"] = self._resolved_impl(param_group.get("impl"), foreach)
+        count = len(self.param_groups)
         super().add_param_group(param_group)
+        try:
+            group = self.param_groups[-1]
+            names = group.get("param_names")
+            if names is None:
+                raise InvalidArgumentError(
+                    f"{type(self).__name__} needs parameter names: give (name, parameter) pairs"
+                )
+            check_coverage(zip(names, group["params"]), self.mask, type(self).__name__)
+            selections = {}
+            for name, p in zip(names, group["params"]):
+                if name in self.mask:
+                    selected = self.mask[name]
+                else:
+                    selected = torch.zeros(p.shape, dtype=torch.bool)
+                selections[p] = Selection(selected, p.device)
+        except BaseException:
+            del self.param_groups[count:]  # a failed call leaves the optimizer as it was
+            raise
         self._flats = {}
-        group = self.param_groups[-1]
-        names = group.get("param_names")
-        if names is None:
-            raise InvalidArgumentError(
-                f"{type(self).__name__} needs parameter names: give (name, parameter) pairs"
-            )
-        check_coverage(zip(names, group["params"]), self.mask, type(self).__name__)
-        for name, p in zip(names, group["params"]):
-            selected = self.mask[name] if name in self.mask else torch.zeros(p.shape, dtype=bool)
-            self._selections[p] = Selection(selected, p.device)
-            if group["decay_to"] == "init" and self._selections[p].kind != "none":
-                self.state[p]["theta0"] = self._selections[p].gather(p).detach().clone()
+        self._selections.update(selections)
+        for p, sel in selections.items():
+            if group["decay_to"] == "init" and sel.kind != "none":
+                self.state[p]["theta0"] = sel.gather(p).detach().clone()
 
     @classmethod
     def _resolved_impl(cls, impl: str | None, foreach: bool | None = None) -> str:
@@ -147,7 +188,10 @@ class CompactStateOptimizer(Optimizer):
         if not values:
             return torch.tensor(0.0)
         device = values[0].device
-        norms = [torch.linalg.vector_norm(v, norm_type).to(device) for v in values]
+        norms = [  # bf16/fp16 gradients: the norm in fp32
+            torch.linalg.vector_norm(v, norm_type, dtype=_at_least_fp32(v.dtype)).to(device)
+            for v in values
+        ]
         total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise InvalidArgumentError(
@@ -191,21 +235,37 @@ class CompactStateOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        """One update of the selected entries, from the parameters' current values.
+
+        Under ``torch.amp.GradScaler`` with fp16 parameters, the scaler sets ``grad_scale`` and
+        ``found_inf`` on this optimizer: a step with non-finite gradients changes nothing
+        (parameters, masters, state, step counts), and otherwise the selected gradients are
+        divided by the scale (in fp32 with masters) before use. torch refuses
+        ``scaler.unscale_`` on fp16 gradients, so clipping under a scaler needs fp32 or bf16
+        parameters.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf != 0):
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
         for index, group in enumerate(self.param_groups):
             flat = self._flat_group(index, group) if group["impl"] == "flat" else None
             if flat is not None and flat.ready(self.state):
-                self._step_flat(group, flat)
+                self._step_flat(group, flat, grad_scale)
             else:
-                self._step_per_parameter(group)
-                if flat is not None:
-                    flat.forget_values()
+                self._step_per_parameter(group, grad_scale=grad_scale)
         return loss
 
-    def _step_per_parameter(self, group: dict[str, Any], only: list[Tensor] | None = None) -> None:
+    def _step_per_parameter(
+        self,
+        group: dict[str, Any],
+        only: list[Tensor] | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> None:
         params, grads, values, states = [], [], [], []
         for p in group["params"] if only is None else only:
             sel = self._selections[p]
@@ -214,9 +274,12 @@ class CompactStateOptimizer(Optimizer):
             state = self.state[p]
             if "step" not in state:
                 self._init_state(group, state, sel.count, p)
-            params.append((p, sel))
-            grads.append(selected_gradient(p, sel.index))
-            values.append(sel.gather(p))
+            master = fit_state(group, state, p, sel)
+            value = resync_(state["master"], sel.gather(p)) if master else sel.gather(p)
+            params.append((p, sel, master))
+            grads.append(_unscaled(selected_gradient(p, sel.index, dtype=value.dtype), value.dtype,
+                                   grad_scale))
+            values.append(value)
             states.append(state)
         if not params:
             return
@@ -229,17 +292,16 @@ class CompactStateOptimizer(Optimizer):
         else:
             for value, grad, state in zip(values, grads, states):
                 self._update_single(group, value, grad, state)
-        for (p, sel), value in zip(params, values):
-            sel.scatter_(p, value)
+        for (p, sel, master), value in zip(params, values):
+            sel.scatter_(p, value.to(p.dtype) if master else value)
 
-    def _flat_group(self, index: int, group: dict[str, Any]) -> _FlatGroup | None:
+    def _flat_group(self, index: int, group: dict[str, Any]) -> FlatGroup | None:
         """The group's flat state, built on first use; None where the fast path cannot run."""
-        keys = self._flat_keys(group)
-        if not keys:
-            return None
         flat = self._flats.get(index)
         if flat is not None:
-            return flat
+            if flat.valid():
+                return flat
+            del self._flats[index]  # a parameter was cast, moved or re-laid out: rebuild
         params = [p for p in group["params"] if self._selections[p].kind != "none"]
         if not params or any(
             p.device != params[0].device or p.dtype != params[0].dtype or not p.is_contiguous()
@@ -248,29 +310,45 @@ class CompactStateOptimizer(Optimizer):
             return None
         if any(p.grad is None for p in params):
             return None  # build once every parameter has a gradient (and so its state)
+        masters = []
         for p in params:
-            if "step" not in self.state[p]:
-                self._init_state(group, self.state[p], self._selections[p].count, p)
-        flat = _FlatGroup(params, [self._selections[p] for p in params], keys, self.state)
+            sel, state = self._selections[p], self.state[p]
+            if "step" not in state:
+                self._init_state(group, state, sel.count, p)
+            masters.append(fit_state(group, state, p, sel))
+        keys = self._flat_keys(group) + (["master"] if masters[0] else [])
+        flat = FlatGroup(params, [self._selections[p] for p in params], keys, self.state)
         self._flats[index] = flat
         return flat
 
-    def _step_flat(self, group: dict[str, Any], flat: _FlatGroup) -> None:
+    def _step_flat(
+        self, group: dict[str, Any], flat: FlatGroup, grad_scale: Tensor | None = None
+    ) -> None:
         """Gather every selected gradient into one buffer, update once, scatter back."""
-        grad = flat.gather_gradients()
+        master = flat.buffers.get("master")
+        values = flat.gather_values()
+        if master is not None:
+            values = resync_(master, values)
+        grad = _unscaled(flat.gather_gradients(values.dtype), values.dtype, grad_scale)
         if group["maximize"]:
             grad.neg_()
-        values = flat.current_values()
         step = self.state[flat.params[0]]["step"] + 1
         for p in flat.params:
             self.state[p]["step"] = step
         self._update_single(group, values, grad, {**flat.buffers, "step": step})
-        flat.scatter_values()
+        flat.scatter_values(values if master is None else values.to(flat.params[0].dtype))
 
     def _init_state(
         self, group: dict[str, Any], state: dict[str, Any], count: int, param: Tensor
     ) -> None:
+        """Fill a new ``state`` (``"step"`` and zeros of :func:`state_dtype`)."""
         raise NotImplementedError
+
+    @staticmethod
+    def _zeros(group: dict[str, Any], count: int, param: Tensor) -> Tensor:
+        """A new state tensor: ``count`` zeros in the state dtype of ``param`` (fp32 with
+        masters), on its device."""
+        return torch.zeros(count, dtype=state_dtype(group, param), device=param.device)
 
     def _update_single(
         self, group: dict[str, Any], value: Tensor, grad: Tensor, state: dict[str, Any]
@@ -287,72 +365,17 @@ class CompactStateOptimizer(Optimizer):
         raise NotImplementedError
 
 
-class _FlatGroup:
-    """One param group's selected entries laid end to end: state, values and gradients.
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
-    ``state[p][key]`` for every key in ``keys`` becomes a view into one flat buffer, so the
-    optimizer's arithmetic runs once per group instead of once per parameter, and per-parameter
-    views keep ``state_dict()`` unchanged. ``values`` caches the selected parameter values; a
-    parameter's slice is trusted only while its version counter and storage are the ones this
-    object last wrote (any in-place change by someone else, or ``p.data = ...``, is noticed and
-    the slice is read again).
-    """
 
-    def __init__(
-        self,
-        params: list[Tensor],
-        selections: list[Selection],
-        keys: list[str],
-        state: Mapping[Tensor, dict[str, Any]],
-    ) -> None:
-        self.params = params
-        self.selections = selections
-        counts = [sel.count for sel in selections]
-        self.slices = []
-        start = 0
-        for count in counts:
-            self.slices.append(slice(start, start + count))
-            start += count
-        like = params[0]
-        self.buffers = {}
-        for key in keys:
-            buffer = torch.cat([state[p][key].reshape(-1) for p in params])
-            for p, part in zip(params, self.slices):
-                state[p][key] = buffer[part]
-            self.buffers[key] = buffer
-        self.values = torch.empty(start, dtype=like.dtype, device=like.device)
-        self._stamps: list[tuple[int, int] | None] = [None] * len(params)
-
-    def ready(self, state: Mapping[Tensor, dict[str, Any]]) -> bool:
-        """True when the fast path applies: every gradient present, every step count equal."""
-        first = state[self.params[0]].get("step")
-        return all(p.grad is not None and state[p].get("step") == first for p in self.params)
-
-    def gather_gradients(self) -> Tensor:
-        grad = torch.empty_like(self.values)  # transient: freed after the step
-        for p, sel, part in zip(self.params, self.selections, self.slices):
-            selected_gradient(p, sel.index, out=grad[part])
+def _unscaled(grad: Tensor, dtype: torch.dtype, grad_scale: Tensor | None) -> Tensor:
+    """``grad`` in ``dtype``, divided by GradScaler's scale when one is given (a new tensor
+    then: gradients are never changed in place)."""
+    grad = grad.to(dtype)
+    if grad_scale is None:
         return grad
-
-    def current_values(self) -> Tensor:
-        for i, (p, sel, part) in enumerate(zip(self.params, self.selections, self.slices)):
-            if self._stamps[i] != (p._version, p.data_ptr()):
-                if sel.index is None:
-                    self.values[part].copy_(p.view(-1))
-                else:
-                    torch.index_select(p.view(-1), 0, sel.index, out=self.values[part])
-        return self.values
-
-    def scatter_values(self) -> None:
-        for i, (p, sel, part) in enumerate(zip(self.params, self.selections, self.slices)):
-            sel.scatter_(p, self.values[part])
-            self._stamps[i] = (p._version, p.data_ptr())
-
-    def forget_values(self) -> None:
-        self._stamps = [None] * len(self.params)
-
-    def tensors(self) -> list[Tensor]:
-        return [self.values]
+    return grad / grad_scale.to(device=grad.device, dtype=dtype)
 
 
 class StepInBackward:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .._checks import unwrap_compiled
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from ._wrapper import OptimizerWrapper
@@ -65,6 +66,7 @@ class MaskedOptimizer(OptimizerWrapper):
             raise InvalidArgumentError(f"mask must be a sparsetune.Mask, got {type(mask).__name__}")
         if not isinstance(model, nn.Module):
             raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
+        model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
         mask.check(model)
         super().__init__(optimizer)
         self.mask = mask
@@ -77,9 +79,21 @@ class MaskedOptimizer(OptimizerWrapper):
         return f"MaskedOptimizer({self.optimizer!r}, mask={self.mask!r})"
 
     def _register(self, groups: list[dict[str, Any]]) -> None:
+        for name, p in self._checked(groups):
+            selected = (
+                self.mask[name]
+                if name in self.mask
+                else torch.zeros(p.shape, dtype=torch.bool)  # not trainable: never moves
+            )
+            self._selections[p] = Selection(selected, p.device)
+
+    def _checked(self, groups: list[dict[str, Any]]) -> list[tuple[str, Tensor]]:
+        """The groups' parameters with their names; raise unless the mask covers them all."""
         foreign, named = [], []
         for group in groups:
             for p in group["params"]:
+                if isinstance(p, tuple):  # a (name, parameter) pair: the model gives the name
+                    p = p[1]
                 name = self._names.get(p)
                 if name is None:
                     foreign.append(tuple(p.shape))
@@ -91,16 +105,17 @@ class MaskedOptimizer(OptimizerWrapper):
                 f"are not parameters of the {self._model_name} passed as model"
             )
         check_coverage(named, self.mask, "MaskedOptimizer")
-        for name, p in named:
-            selected = (
-                self.mask[name]
-                if name in self.mask
-                else torch.zeros(p.shape, dtype=torch.bool)  # not trainable: never moves
-            )
-            self._selections[p] = Selection(selected, p.device)
+        return named
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer; its parameters must be covered by the mask."""
+        """Add a group to the inner optimizer; its parameters must be covered by the mask.
+
+        The parameters are checked first: a refused group leaves both optimizers unchanged.
+        """
+        params = param_group.get("params", [])
+        params = [params] if isinstance(params, Tensor) else list(params)
+        param_group = {**param_group, "params": params}
+        self._checked([param_group])
         self.optimizer.add_param_group(param_group)
         self._register([self.optimizer.param_groups[-1]])
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import unwrap_compiled
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
 
@@ -77,7 +78,8 @@ def named_parameter_groups(model_or_named_params: Any) -> list[dict[str, Any]]:
     parameters that require grad.
     """
     if isinstance(model_or_named_params, nn.Module):
-        named = [(n, p) for n, p in model_or_named_params.named_parameters() if p.requires_grad]
+        model = unwrap_compiled(model_or_named_params)  # torch.compile: plain names
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return [{"params": named}]
     if isinstance(model_or_named_params, Tensor):
         raise TypeError(
@@ -189,6 +191,4 @@ def optimizer_state_nbytes(optimizer: torch.optim.Optimizer) -> int:
     for sel in getattr(optimizer, "_selections", {}).values():
         if sel.index is not None:
             visit(sel.index)
-    for flat in getattr(optimizer, "_flats", {}).values():
-        visit(flat.tensors())  # the cached selected values
     return total

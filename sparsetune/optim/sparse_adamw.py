@@ -31,7 +31,10 @@ class SparseAdamW(CompactStateOptimizer):
 
     State per parameter: ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``, ``theta0``) as 1-D
     tensors of the selected count, plus the selection's int32 flat index: about 12 bytes per
-    selected fp32 entry against 8 bytes per entry of every parameter for dense AdamW.
+    selected fp32 entry against 8 bytes per entry of every parameter for dense AdamW. bf16/fp16
+    parameters also get ``master``, the fp32 values of their selected entries, and fp32
+    moments (16 bytes per selected entry in all); the step runs in fp32 on the masters, with
+    the gradients cast to fp32, and writes them to the parameter rounded to nearest.
 
     Args:
         model_or_named_params: an ``nn.Module`` (its parameters that require grad),
@@ -44,6 +47,10 @@ class SparseAdamW(CompactStateOptimizer):
             ops per parameter) or ``"forloop"`` (one parameter at a time, the reference); None
             (default): ``"flat"``. All three give the same results.
         foreach: ``False`` means ``impl="forloop"``; ``True`` the automatic choice.
+        master_weights: None or True (default): fp32 masters and state for bf16/fp16
+            parameters (fp32/fp64 ones are their own masters: True is a no-op for them);
+            False: update low-precision parameters in their own dtype, with state in it too
+            (updates below half an ulp are lost).
     """
 
     impls = ("flat", "foreach", "forloop")
@@ -62,6 +69,7 @@ class SparseAdamW(CompactStateOptimizer):
         decay_to: str = "zero",
         impl: str | None = None,
         foreach: bool | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("epsilon value", eps)
@@ -81,6 +89,7 @@ class SparseAdamW(CompactStateOptimizer):
             decay_to=decay_to,
             impl=impl,
             foreach=foreach,
+            master_weights=master_weights,
         )
         super().__init__(model_or_named_params, mask, defaults)
 
@@ -96,10 +105,10 @@ class SparseAdamW(CompactStateOptimizer):
         self, group: dict[str, Any], state: dict[str, Any], count: int, param: Tensor
     ) -> None:
         state["step"] = 0
-        state["exp_avg"] = torch.zeros(count, dtype=param.dtype, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(count, dtype=param.dtype, device=param.device)
+        state["exp_avg"] = self._zeros(group, count, param)
+        state["exp_avg_sq"] = self._zeros(group, count, param)
         if group["amsgrad"]:  # per group, as torch.optim.AdamW
-            state["max_exp_avg_sq"] = torch.zeros(count, dtype=param.dtype, device=param.device)
+            state["max_exp_avg_sq"] = self._zeros(group, count, param)
 
     def _update_single(
         self, group: dict[str, Any], value: Tensor, grad: Tensor, state: dict[str, Any]

@@ -26,7 +26,10 @@ class SparseSGD(CompactStateOptimizer):
         theta <- theta - lr g
 
     with ``target = 0`` (``decay_to="zero"``) or ``theta0`` (``decay_to="init"``, the L2-SP
-    regulariser, theory/ E2). Frozen entries are never read or written.
+    regulariser, theory/ E2). Frozen entries are never read or written. bf16/fp16 parameters
+    get fp32 master values of their selected entries and an fp32 momentum buffer (12 bytes per
+    selected entry with momentum, index included); the step runs in fp32 and writes the
+    masters to the parameter rounded to nearest.
 
     Args:
         model_or_named_params: an ``nn.Module``, ``named_parameters()`` or named groups.
@@ -37,6 +40,8 @@ class SparseSGD(CompactStateOptimizer):
             None) or ``"forloop"`` (one parameter at a time, the reference); both give the same
             results. SGD has no ``"flat"`` implementation.
         foreach: ``False`` means ``impl="forloop"``; ``True`` the automatic choice.
+        master_weights: None or True (default): fp32 masters and state for bf16/fp16
+            parameters (a no-op for fp32/fp64 ones); False: update them in their own dtype.
     """
 
     impls = ("foreach", "forloop")
@@ -55,6 +60,7 @@ class SparseSGD(CompactStateOptimizer):
         decay_to: str = "zero",
         impl: str | None = None,
         foreach: bool | None = None,
+        master_weights: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("momentum value", momentum)
@@ -74,6 +80,7 @@ class SparseSGD(CompactStateOptimizer):
             decay_to=decay_to,
             impl=impl,
             foreach=foreach,
+            master_weights=master_weights,
         )
         super().__init__(model_or_named_params, mask, defaults)
 

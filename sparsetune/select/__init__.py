@@ -24,7 +24,9 @@ from .methods.sam import (
 from .offline import load_task_spec, select_for_task
 from .registry import (
     METHODS,
+    CheckedSelection,
     MethodInfo,
+    check_select,
     method_info,
     method_options,
     method_spec,
@@ -36,10 +38,12 @@ from .registry import (
 __all__ = [
     "DEFAULT_FLOOR_FRACTION",
     "METHODS",
+    "CheckedSelection",
     "MethodConfig",
     "MethodInfo",
     "accumulated_gradient",
     "bitfit_mask",
+    "check_select",
     "diff_pruning_scores",
     "finetuned_values",
     "fisher_scores",

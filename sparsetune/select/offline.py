@@ -58,8 +58,15 @@ def select_for_task(
     from ..data import HEAD_PARAMETERS, batches, load_pretrained
 
     spec = method_spec(method)
-    if spec.uses_density and density is not None:
+    spec.refuse_if_per_step()
+    if spec.uses_density:
+        if density is None:
+            raise InvalidArgumentError(f"method {method!r} needs a density in (0, 1]")
         check_density(density)
+    elif density is not None:
+        raise InvalidArgumentError(
+            f"method {method!r} selects by rule and takes no density (got density={density!r})"
+        )
     opts = dict(options or {})
     if num_batches is not None:
         if spec.count_option is None:

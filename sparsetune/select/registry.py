@@ -8,20 +8,22 @@ and how it builds the mask.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from torch import nn
 
+from .._checks import check_density, check_int, unwrap_compiled
 from .._loss import LossFn, transformers_loss
+from .._topk import SCOPES, check_budget
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from ._data import trainable
 from .methods import BUILTIN, MethodConfig, MethodInfo, builder_config
 
 __all__ = [
-    "METHODS", "MethodInfo", "method_info", "method_options", "method_spec", "register_method",
-    "select", "target_names",
+    "METHODS", "CheckedSelection", "MethodInfo", "check_select", "method_info", "method_options",
+    "method_spec", "register_method", "select", "target_names",
 ]
 
 _REGISTRY: dict[str, type[MethodConfig]] = {spec.name: spec for spec in BUILTIN}
@@ -97,11 +99,14 @@ def select(
     r"""Choose the entries to fine-tune with ``method`` (one of :data:`METHODS`).
 
     Args:
-        model: the pretrained model; its weights and modes are left exactly as found.
+        model: the pretrained model; its weights and modes are left exactly as found. A
+            ``torch.compile``'d model is read through the module it wraps, so the mask has
+            the plain model's names (no ``_orig_mod.``).
         method: a name from ``METHODS``.
-        density: p in (0, 1] for methods that take a budget (ignored by rule methods such as
-            ``bitfit`` and ``names``, whose density is what the rule gives; passing one to them
-            is an error rather than silently ignored).
+        density: p in (0, 1], a real number, for methods that take a budget; one that buys no
+            entry (floor(m p) = 0) is an error naming the smallest density that buys one.
+            Rule methods such as ``bitfit`` and ``names`` give their own density: passing one
+            to them is an error rather than silently ignored.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for data-driven methods;
             ``loss_fn`` defaults to ``model(**batch).loss``.
         scope: ``"global"`` (the paper's theorem) or ``"per_tensor"`` (the authors' code).
@@ -121,12 +126,69 @@ def select(
             ``head_warmup_lr`` (default 1e-2): first train the ``always_train`` parameters
             (the task head) alone for that many AdamW steps on ``data`` (a linear probe), then
             score; the model is left as found).
+            ``num_batches`` larger than the data's length reads every batch, with a warning.
+
+    Every argument but the data is checked (:func:`check_select`) before any batch is read
+    or any gradient computed.
     """
+    checked = check_select(model, method, density, scope=scope, seed=seed,
+                           always_train=always_train, targets=targets, options=options)
+    config = checked.config
+    if config.needs_data:
+        if data is None:
+            raise InvalidArgumentError(f"method {method!r} needs data= (an iterable of batches)")
+        if not isinstance(data, Iterable):
+            raise InvalidArgumentError(
+                f"data must be an iterable of batches (a list or a DataLoader), got "
+                f"{type(data).__name__}"
+            )
+        loss_fn = loss_fn or transformers_loss
+    if loss_fn is not None and not callable(loss_fn):
+        raise InvalidArgumentError(
+            f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}"
+        )
+    return config.build(checked.model, density, scope, checked.always, data=data,
+                        loss_fn=loss_fn, seed=seed, targets=checked.targets)
+
+
+class CheckedSelection(NamedTuple):
+    """The arguments of a selection, checked: see :func:`check_select`."""
+
+    model: nn.Module  # the plain model (a torch.compile wrapper removed)
+    config: MethodConfig
+    always: list[str]
+    targets: list[str] | None  # the names the target patterns match
+
+
+def check_select(
+    model: nn.Module,
+    method: str,
+    density: float | None = None,
+    *,
+    scope: str = "global",
+    seed: int = 0,
+    always_train: str | Iterable[str] = (),
+    targets: str | Iterable[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> CheckedSelection:
+    """Check every argument of :func:`select` but the data, before any gradient pass or read.
+
+    The method and its options (its config class), ``scope``, ``seed``, the ``always_train``
+    names and ``targets`` patterns against ``model``, and ``density``: a real number in
+    (0, 1] whose budget over the model's trainable parameters is at least one entry (and fits
+    the targets). A ``torch.compile``'d model is checked, and returned, as its plain module.
+    """
+    model = unwrap_compiled(model)
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     spec = method_spec(method)
     spec.refuse_if_per_step()
+    if scope not in SCOPES:
+        raise InvalidArgumentError(f"scope must be one of {list(SCOPES)}, got scope={scope!r}")
+    check_int("seed", seed, minimum=-(2**63))
     always = [always_train] if isinstance(always_train, str) else list(always_train)
-    names = {n for n, _ in trainable(model)}
-    unknown = sorted(set(always) - names)
+    sizes = {n: p.numel() for n, p in trainable(model)}
+    unknown = sorted(set(always) - set(sizes))
     if unknown:
         raise ParameterMismatchError(
             f"always_train names parameters the model lacks (or that do not require grad): "
@@ -138,11 +200,9 @@ def select(
         raise InvalidArgumentError(
             f"method {method!r} selects by rule and takes no density (got density={density!r})"
         )
-    config = spec.from_options(options)
-    if config.needs_data:
-        if data is None:
-            raise InvalidArgumentError(f"method {method!r} needs data= (an iterable of batches)")
-        loss_fn = loss_fn or transformers_loss
+    if spec.uses_density:
+        check_density(density)
+    config = spec.from_options(dict(options or {}))
     chosen = None
     if targets is not None:
         if not spec.takes_targets:
@@ -151,8 +211,9 @@ def select(
                 f"method {method!r} does not take targets; methods that do: {takes}"
             )
         chosen = target_names(model, targets, exclude=always)
-    return config.build(model, density, scope, always, data=data, loss_fn=loss_fn, seed=seed,
-                        targets=chosen)
+    if spec.takes_targets:  # top-k of scores over every trainable parameter
+        check_budget(sizes, density, scope, always_train=always, targets=chosen)
+    return CheckedSelection(model, config, always, chosen)
 
 
 def target_names(
@@ -163,7 +224,7 @@ def target_names(
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     if not patterns:
         raise InvalidArgumentError("targets needs at least one pattern")
-    names = [n for n, _ in trainable(model)]
+    names = [n for n, _ in trainable(unwrap_compiled(model))]
     skip = set(exclude)
     found: list[str] = []
     for pattern in patterns:

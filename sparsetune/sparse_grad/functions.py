@@ -1,7 +1,8 @@
 """The autograd functions of sparse-gradient mode, and the forward that routes a module to them.
 
 Each returns the weight gradient as a sparse COO tensor holding only the plan's k entries
-(:meth:`Plan.sparse <sparsetune.sparse_grad.plan.Plan.sparse>`); input gradients stay dense.
+(:meth:`Plan.gradient <sparsetune.sparse_grad.plan.Plan.gradient>`, computed with float32
+accumulation for 16-bit weights); input gradients stay dense.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class SampledLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1]).to(g.dtype)
-            grad_w = ctx.plan.sparse(ctx.plan.linear_values(g, x2).to(weight.dtype))
+            grad_w = ctx.plan.gradient(ctx.plan.linear_values(g, x2), weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -64,7 +65,7 @@ class SampledEmbedding(torch.autograd.Function):
             return None, None, None, None, None
         g = grad_out.reshape(-1, grad_out.shape[-1])
         values = ctx.plan.embedding_values(ids.reshape(-1), g, ctx.padding_idx, ctx.scale)
-        return None, ctx.plan.sparse(values.to(ctx.weight_dtype)), None, None, None
+        return None, ctx.plan.gradient(values, ctx.weight_dtype), None, None, None
 
 
 class CompactForward:

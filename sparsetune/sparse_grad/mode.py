@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._checks import unwrap_compiled
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from .functions import CompactForward, is_covered
@@ -50,6 +51,7 @@ class SparseGradients:
         self._modules: list[nn.Module] = []
         self._params: list[Tensor] = []
         self._frozen_params: list[Tensor] = []
+        self._hooks: list = []  # of the float32 accumulators of 16-bit weights
         self.active = True
 
     def __repr__(self) -> str:
@@ -74,14 +76,18 @@ class SparseGradients:
             return
         for module in self._modules:
             module.__dict__.pop("forward", None)
+        for hook in self._hooks:
+            hook.remove()
         for p in self._params:
-            _PLANS.pop(p, None)
+            plan = _PLANS.pop(p, None)
+            if plan is not None and plan.accumulator is not None:
+                plan.accumulator.detach()
             if p.grad is not None and p.grad.is_sparse:
                 p.grad = p.grad.to_dense()
         for p in self._frozen_params:
             p.requires_grad_(True)
         release_workspace()
-        self._modules, self._params, self._frozen_params = [], [], []
+        self._modules, self._params, self._frozen_params, self._hooks = [], [], [], []
         self.active = False
 
 
@@ -95,7 +101,11 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
 
     ``linear_product`` chooses how Linear weight gradients are computed at the mask: one of
     :data:`LINEAR_PRODUCTS` (``"auto"``: the cheaper of ``"sampled"`` and ``"blocks"`` per
-    weight by :data:`LINEAR_COSTS`; the values agree to rounding).
+    weight by :data:`LINEAR_COSTS`, among those :data:`LINEAR_SUPPORT` can run for the device
+    and dtype; the values agree to rounding). Every dtype works: bfloat16 and float16
+    gradients are computed with float32 accumulation, and a 16-bit weight's k gradient values
+    are summed over backward passes in float32 (4 bytes per selected entry; see
+    :func:`selected_gradient`).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(),
@@ -108,6 +118,7 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
         True
         >>> handle.remove()
     """
+    model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(mask, Mask):
@@ -157,8 +168,10 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
                 uncovered.append(f"{name} ({', '.join(type(m).__name__ for m in mods)})")
                 handle.fallback.append(name)
             continue
-        plan = Plan(name, selected, p.device, linear_product)
+        plan = Plan(name, selected, p.device, linear_product, p.dtype)
         _PLANS[p] = plan
+        if plan.accumulator is not None:
+            handle._hooks.extend(plan.accumulator.attach(p))
         handle._params.append(p)
         handle.compact.append(name)
         for m in as_weight:
@@ -180,7 +193,8 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
 
 
 def selected_gradient(
-    param: Tensor, index: Tensor | None = None, out: Tensor | None = None
+    param: Tensor, index: Tensor | None = None, out: Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The gradient of ``param`` at its selected entries, 1-D in row-major order.
 
@@ -188,6 +202,11 @@ def selected_gradient(
     (``Selection.index`` in :mod:`sparsetune.optim`). A dense ``param.grad`` is gathered; a
     compact gradient from :func:`prepare` is read as is (a view of its values unless ``out`` is
     given, which receives a copy), and its entries must be the ones ``index`` names.
+
+    ``dtype`` (None: the gradient's own) converts the result; for a 16-bit weight in
+    sparse-gradient mode, asking for float32 (or giving a float32 ``out``) returns the values
+    accumulated in float32 over the backward passes (exact where ``.grad`` holds their
+    rounding; once something else changed ``.grad``, its values converted).
     """
     grad = param.grad
     plan = _PLANS.get(param)
@@ -203,9 +222,12 @@ def selected_gradient(
             )
         flat = grad.reshape(-1)
         if out is None:
-            return flat if index is None else flat.index_select(0, index)
+            values = flat if index is None else flat.index_select(0, index)
+            return values if dtype is None else values.to(dtype)
         if index is None:
             return out.copy_(flat)
+        if out.dtype != flat.dtype:
+            return out.copy_(flat.index_select(0, index))
         return torch.index_select(flat, 0, index, out=out)
     values = plan.values_of(grad, index) if plan is not None else None
     if values is None:
@@ -213,7 +235,13 @@ def selected_gradient(
             "sparse gradients are supported only as produced by sparsetune.prepare(); got one "
             "from elsewhere (nn.Embedding(sparse=True)?): use dense gradients"
         )
-    return values if out is None else out.copy_(values)
+    wanted = out.dtype if out is not None else dtype
+    if wanted is not None and wanted != values.dtype and plan.accumulator is not None:
+        precise = plan.accumulator.precise(grad)
+        values = values if precise is None else precise
+    if out is not None:
+        return out.copy_(values)
+    return values if dtype is None else values.to(dtype)
 
 
 def plan_of(param: Tensor) -> Plan | None:

@@ -1,36 +1,27 @@
-"""The per-weight plan of sparse-gradient mode: where the k selected entries are, and the cost
-model that picks how a Linear's weight gradient is computed at them (:data:`LINEAR_PRODUCTS`).
+"""The per-weight plan of sparse-gradient mode: where the k selected entries are, which product
+computes a Linear's weight gradient at them (the cost model over :data:`LINEAR_PRODUCTS`, among
+those :data:`LINEAR_SUPPORT` can run), and the float32 accumulator of a 16-bit weight.
 """
 
 from __future__ import annotations
-
-import threading
-import warnings
 
 import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, ParameterMismatchError
+from .accumulate import Fp32Accumulator
+from .products import (
+    LINEAR_COSTS,
+    LINEAR_PRODUCTS,
+    LINEAR_SUPPORT,
+    block_values,
+    csr_template,
+    linear_support,
+    release_workspace,
+    sampled_values,
+)
 
-__all__ = ["LINEAR_COSTS", "LINEAR_PRODUCTS", "Plan", "release_workspace"]
-
-
-#: How the weight gradient of a Linear is computed at its k selected entries (``prepare``'s
-#: ``linear_product``): ``"sampled"`` takes k dot products over the batch
-#: (``torch.sparse.sampled_addmm``, which needs both operands copied into a transposed layout);
-#: ``"blocks"`` gathers the R rows and C columns the mask touches and takes one dense R x C
-#: product (BLAS, no transposed copies), then reads the k entries from it (R = out, C = in is
-#: the plain dense product); ``"auto"`` picks the cheaper per weight by :data:`LINEAR_COSTS`.
-LINEAR_PRODUCTS = ("auto", "sampled", "blocks")
-
-#: Cost per token of the operations above, in ns, from microbenchmarks at MiniLM's shapes on a
-#: 2-core x86 VM with torch's CPU build (672 tokens, 384 x 384 and 1536 x 384 weights, inside
-#: a training step where copies run slower than alone): a multiply-add inside a dense
-#: matrix product, one inside the sampled product, an element of a transposed copy (memory
-#: bound) and an element gathered along a row. Only their ratios matter: a dense product runs
-#: some 10 times faster per multiply-add than the sampled one and 100 times faster than a
-#: transposed copy per element, so the sampled product wins only on wide layers at low density.
-LINEAR_COSTS = {"mac": 0.0055, "sampled_mac": 0.055, "transpose": 0.8, "gather": 0.4}
+__all__ = ["LINEAR_COSTS", "LINEAR_PRODUCTS", "LINEAR_SUPPORT", "Plan", "release_workspace"]
 
 
 class Plan:
@@ -41,35 +32,71 @@ class Plan:
     """
 
     def __init__(
-        self, name: str, selected: Tensor, device: torch.device, linear_product: str = "auto"
+        self, name: str, selected: Tensor, device: torch.device, linear_product: str = "auto",
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
         self.shape = tuple(selected.shape)
         self.indices = torch.nonzero(selected).t().contiguous().to(device)
         self.count = self.indices.shape[1]
+        self.device_type = torch.device(device).type
+        #: The weight's dtype; a 16-bit one gets a float32 accumulator of its k gradient values.
+        self.dtype = torch.float32 if dtype is None else dtype
+        self.accumulator = (
+            Fp32Accumulator(self.indices, self.shape) if self.dtype.itemsize < 4 else None
+        )
         self._csr: dict[torch.dtype, Tensor] = {}
         self._flat: Tensor | None = None
         self._row_ptr: Tensor | None = None
         self._verified: Tensor | None = None
         self._linear_product = linear_product
+        self._products: dict[tuple[str, torch.dtype], str] = {}
         self._blocks: tuple[Tensor | None, Tensor | None, Tensor] | None = None
+        if linear_product != "auto":
+            self.product_for(self.device_type, self.dtype)  # a forced product must run here
 
     # -- Linear ---------------------------------------------------------------------------
     @property
     def linear_product(self) -> str:
-        """``"sampled"`` or ``"blocks"``: how :meth:`linear_values` computes (see
-        :data:`LINEAR_PRODUCTS`), chosen on first use."""
-        if self._linear_product == "auto":
-            self._linear_product = self._cheaper_linear_product()
-        return self._linear_product
+        """``"sampled"`` or ``"blocks"``: how :meth:`linear_values` computes for the weight's
+        own device and dtype (see :data:`LINEAR_PRODUCTS`), chosen on first use."""
+        return self.product_for(self.device_type, self.dtype)
 
-    def _cheaper_linear_product(self) -> str:
+    def product_for(self, device_type: str, dtype: torch.dtype) -> str:
+        """The product for gradients of ``dtype`` on ``device_type`` (under autocast the
+        gradient's dtype is not the weight's): the forced one, or the cheaper of those that
+        can run there (:data:`LINEAR_SUPPORT`). Raises where none can."""
+        key = (device_type, dtype)
+        product = self._products.get(key)
+        if product is not None:
+            return product
+        forced = self._linear_product != "auto"
+        candidates = [self._linear_product] if forced else ["sampled", "blocks"]
+        runs = {c: linear_support(c, device_type, dtype) for c in candidates}
+        runs = {c: how for c, how in runs.items() if how is not None}
+        if not runs:
+            allowed = [p for p in ("sampled", "blocks") if linear_support(p, device_type, dtype)]
+            raise InvalidArgumentError(
+                f"parameter '{self.name}': linear_product={self._linear_product!r} cannot "
+                f"compute a {dtype} weight gradient on {device_type} (see LINEAR_SUPPORT); "
+                f"products that can: {allowed}"
+            )
+        if len(runs) == 1:
+            product = next(iter(runs))
+        else:
+            product = self._cheaper_linear_product(runs["blocks"] == "fp32")
+        self._products[key] = product
+        return product
+
+    def _cheaper_linear_product(self, cast_blocks: bool = False) -> str:
         out, inp = self.shape
         rows, cols = (int(torch.unique(i).numel()) for i in self.indices)
         kept_rows, kept_cols = _compressed(rows, out, cols), _compressed(cols, inp, rows)
         cost = LINEAR_COSTS
         blocks = cost["mac"] * kept_rows * kept_cols
         blocks += cost["gather"] * (kept_rows * (kept_rows < out) + kept_cols * (kept_cols < inp))
+        if cast_blocks:  # the gathered operands are cast to float32 (the sampled product's
+            blocks += cost["gather"] * (kept_rows + kept_cols)  # cast rides on its copies)
         sampled = cost["transpose"] * (out + inp) + cost["sampled_mac"] * self.count
         return "sampled" if sampled < blocks else "blocks"
 
@@ -111,39 +138,38 @@ class Plan:
             )
 
     def linear_values(self, grad_out: Tensor, inputs: Tensor) -> Tensor:
-        """(g^T x) at the selected (row, column) pairs; g: (N, out), x: (N, in) -> (k,)."""
-        if self.linear_product == "blocks":
-            rows, cols, local = self.block_layout()
-            g = grad_out if rows is None else grad_out.index_select(1, rows)
-            x = inputs if cols is None else inputs.index_select(1, cols)
-            return (g.t() @ x).view(-1).index_select(0, local)
-        template = self._csr.get(grad_out.dtype)
+        """(g^T x) at the selected (row, column) pairs; g: (N, out), x: (N, in) -> (k,), in
+        float32 for 16-bit operands (float32 accumulation, see :mod:`.products`)."""
+        device_type, dtype = grad_out.device.type, grad_out.dtype
+        product = self.product_for(device_type, dtype)
+        how = linear_support(product, device_type, dtype)
+        if product == "blocks":
+            return block_values(grad_out, inputs, *self.block_layout(), how)
+        compute = dtype if how == "native" else torch.float32
+        template = self._csr.get(compute)
         if template is None:
-            crow = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=grad_out.device)
-            crow[1:] = torch.cumsum(torch.bincount(self.indices[0], minlength=self.shape[0]), 0)
-            values = torch.zeros(self.count, dtype=grad_out.dtype, device=grad_out.device)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": known, fine
-                warnings.simplefilter("ignore", UserWarning)
-                template = torch.sparse_csr_tensor(
-                    crow, self.indices[1], values, self.shape, check_invariants=False
-                )
-            self._csr[grad_out.dtype] = template
-        # sampled_addmm reads mat1 row-major and mat2 column-major: give it both as copies in
-        # that layout (x^T is shared by the query, key and value projections of one input).
-        product = torch.sparse.sampled_addmm(
-            template, _transpose_into(grad_out, "grad"), _transposed(inputs).t(), beta=0.0
-        )
-        return product.values()
+            template = self._csr[compute] = csr_template(self.indices, self.shape, compute)
+        return sampled_values(template, grad_out, inputs)
+
+    def gradient(self, values: Tensor, dtype: torch.dtype) -> Tensor:
+        """The sparse gradient in the weight's ``dtype`` of the k ``values`` one backward
+        computes; a 16-bit weight's accumulator also sums them in float32."""
+        if self.accumulator is not None:
+            self.accumulator.add(values)
+        return self.sparse(values.to(dtype))
 
     # -- Embedding ------------------------------------------------------------------------
     def embedding_values(
         self, ids: Tensor, grad_out: Tensor, padding_idx: int | None, scale_grad_by_freq: bool
     ) -> Tensor:
-        """Embedding weight gradient at the selected entries; ids: (N,), g: (N, dim) -> (k,)."""
+        """Embedding weight gradient at the selected entries; ids: (N,), g: (N, dim) -> (k,),
+        in float32 for a 16-bit ``g``."""
         if padding_idx is not None:
             keep = ids != padding_idx
             ids, grad_out = ids[keep], grad_out[keep]
         rows, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        if grad_out.dtype.itemsize < 4:  # sum repeated tokens in float32
+            grad_out = grad_out.float()
         row_grads = torch.zeros(rows.numel(), self.shape[1], dtype=grad_out.dtype,
                                 device=grad_out.device).index_add_(0, inverse, grad_out)
         if scale_grad_by_freq:
@@ -182,45 +208,6 @@ class Plan:
         if grad._nnz() == self.count and torch.equal(grad._indices(), self.indices):
             return grad._values()
         return None
-
-
-# Per-thread scratch buffers for the transposed operands of the sampled products. Reusing them
-# avoids a fresh multi-megabyte allocation per layer, which on CPU costs as much as the copy
-# (the pages are mapped and zeroed by the kernel on first touch).
-_WORKSPACE = threading.local()
-
-
-def _transpose_into(x: Tensor, slot: str) -> Tensor:
-    """``x.t().contiguous()`` written into this thread's scratch buffer ``slot`` (reused)."""
-    n, c = x.shape
-    buf = getattr(_WORKSPACE, slot, None)
-    if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
-        buf = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-        setattr(_WORKSPACE, slot, buf)
-    return buf[: x.numel()].view(c, n).copy_(x.t())
-
-
-def _transposed(x: Tensor) -> Tensor:
-    """``x.t().contiguous()``, reused when the same unchanged tensor is asked for again.
-
-    The query, key and value projections of one input share it. The result lives in the
-    thread's ``"input"`` scratch buffer until a different tensor is transposed.
-    """
-    key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.shape, x.stride(), x.dtype,
-           x.device, x._version)
-    last = getattr(_WORKSPACE, "last_input", None)
-    if last is not None and last[0] == key:
-        return last[2]
-    xt = _transpose_into(x, "input")
-    _WORKSPACE.last_input = (key, x, xt)  # holding x keeps its storage from being reused
-    return xt
-
-
-def release_workspace() -> None:
-    """Free this thread's scratch buffers (when sparse-gradient mode ends)."""
-    for slot in ("grad", "input", "last_input"):
-        if hasattr(_WORKSPACE, slot):
-            delattr(_WORKSPACE, slot)
 
 
 def _compressed(used: int, total: int, other: int) -> int:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_int, check_positive
 from .._loss import LossFn, LossModule, check_scalar_loss, cycle
-from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint
+from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint, saved_buffers
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from .landscape import Landscape, check_axes, loss_plane, mark_points, plane_limits
@@ -432,7 +432,8 @@ class Subspace:
                 keep = bits[name]
             flat[slice(None) if idx is None else idx] = keep
             support[name] = flat.reshape(shape).to(base[name].device)
-        return SparseDelta.extract(tuned, base, Mask(support), method=method)
+        unchanged = saved_buffers(model)
+        return SparseDelta.extract(tuned, {**unchanged, **base}, Mask(support), method=method)
 
     # -- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

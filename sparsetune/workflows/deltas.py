@@ -13,7 +13,7 @@ from pathlib import Path
 from ..data import load_pretrained, save_pretrained
 from ..delta import SparseDelta, merge_deltas
 from ..errors import FileFormatError
-from ..files import load_mask, read_metadata
+from ..files import check_writable, load_mask, read_metadata
 
 __all__ = ["apply_to_pretrained", "extract_from_pretrained", "merge_delta_files"]
 
@@ -25,6 +25,7 @@ def extract_from_pretrained(
     *,
     seed: int = 0,
     strict: bool = True,
+    output: str | os.PathLike | None = None,
 ) -> SparseDelta:
     """The delta between two local transformers folders, on the entries of a mask file.
 
@@ -32,8 +33,10 @@ def extract_from_pretrained(
     architecture and number of labels, a head it lacks drawn from ``seed`` exactly as
     :func:`sparsetune.data.load_model` does. The mask must fit the base (its fingerprint is
     checked when it has one). The architecture, labels and seed travel in :attr:`SparseDelta.info`
-    so that :func:`apply_to_pretrained` rebuilds the same base.
+    so that :func:`apply_to_pretrained` rebuilds the same base. With ``output`` the delta is also
+    saved there; that path is checked before any model is loaded.
     """
+    check_writable(output)
     tuned_model, _ = load_pretrained(tuned)
     architecture = type(tuned_model).__name__
     num_labels = int(tuned_model.config.num_labels)
@@ -42,8 +45,11 @@ def extract_from_pretrained(
     selected = load_mask(mask, model=base_model)
     method = read_metadata(mask, "mask").get("method", "unknown")
     info = {"architecture": architecture, "num_labels": str(num_labels), "seed": str(seed)}
-    return SparseDelta.extract(tuned_model, base_model.state_dict(), selected, method=method,
-                               strict=strict, info=info)
+    delta = SparseDelta.extract(tuned_model, base_model.state_dict(), selected, method=method,
+                                strict=strict, info=info)
+    if output is not None:
+        delta.save(output)
+    return delta
 
 
 def apply_to_pretrained(
@@ -57,7 +63,9 @@ def apply_to_pretrained(
     and save the tuned model (and the base's tokenizer) as a new transformers folder ``output``.
 
     The base fingerprint is checked before anything is written; on failure no folder is left.
+    ``output`` is checked first (a folder, or a path whose parent may be written).
     """
+    check_writable(output, folder=True)
     if not isinstance(delta, SparseDelta):
         delta = SparseDelta.load(delta)
     info = delta.info
@@ -76,6 +84,8 @@ def merge_delta_files(
     paths: list[str | os.PathLike], output: str | os.PathLike, *, policy: str = "sum"
 ) -> tuple[Path, SparseDelta]:
     """Load the delta files ``paths``, merge them (:func:`sparsetune.merge_deltas`) and write the
-    result to ``output``; returns the path written and the merged delta."""
+    result to ``output`` (checked before any file is read); returns the path written and the
+    merged delta."""
+    check_writable(output)
     merged = merge_deltas([SparseDelta.load(p) for p in paths], policy=policy)
     return merged.save(output), merged

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..files import check_writable
 from ..mask import Mask
 from ..select import select_for_task
 
@@ -19,8 +20,10 @@ def save_mask_for_task(
     to ``output`` with the method's name, its options (the plain-valued arguments given) and the
     fingerprint of the model it was computed on.
 
+    ``output`` is checked first (:func:`sparsetune.files.check_writable`), before the selection.
     Returns the path written and the mask.
     """
+    check_writable(output)
     mask, model = select_for_task(method, density, **select_args)
     recorded = {"density": density, **select_args}
     recorded.pop("progress", None)

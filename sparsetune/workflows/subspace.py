@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import data
 from .._loss import transformers_loss
 from ..delta import SparseDelta
-from ..files import load_delta, load_mask
+from ..files import check_writable, load_delta, load_mask
 from ..files.table import read_kind
 from ..mask import Mask
 from ..subspace import Landscape, Subspace, fit
@@ -40,8 +40,10 @@ def fit_subspace_files(
     labels: Sequence[str] | None = None,
 ) -> tuple[Subspace, Path]:
     """Fit a ``dim``-dimensional subspace to the delta files ``deltas`` and write it to
-    ``output``; returns the subspace and the path written (see :func:`sparsetune.subspace.fit`).
+    ``output`` (checked first); returns the subspace and the path written (see
+    :func:`sparsetune.subspace.fit`).
     """
+    check_writable(output)
     space = fit([load_delta(p) for p in deltas], dim, method=method, labels=labels)
     return space, space.save(output)
 
@@ -89,8 +91,9 @@ def train_in_subspace(
     training batches, dropout on) and score theta(z) on the test split.
 
     ``mask``: a mask or delta file whose support the point is decoded on (default: every
-    coordinate). With ``output`` theta(z) is written as a delta file of the base.
+    coordinate). With ``output`` (checked first) theta(z) is written as a delta file of the base.
     """
+    check_writable(output)
     space, support, loaded, model, tokenizer = _setup(subspace, task, model_seed, max_examples,
                                                       mask)
     model.train()
@@ -124,7 +127,9 @@ def subspace_landscape(
     progress: bool = True,
 ) -> Landscape:
     """The validation loss (first ``examples`` examples of ``task``) on a ``grid`` x ``grid``
-    plane of the subspace file ``subspace`` along ``axes``, drawn as a PNG at ``output``."""
+    plane of the subspace file ``subspace`` along ``axes``, drawn as a PNG at ``output`` (checked
+    first)."""
+    check_writable(output)
     space, support, loaded, model, tokenizer = _setup(subspace, task, model_seed, max_examples,
                                                       mask)
     sample = data.Split(loaded.validation.texts[:examples], loaded.validation.labels[:examples])

@@ -1,5 +1,7 @@
-"""A user's own test file: the one README shows under "Use 3". It imports nothing from the
-sparsetune test suite; copy it next to your model and replace ``make_model``."""
+"""A user's own test file: the one README shows under "Use 3" (tests/reliability/
+test_readme_standalone.py checks the two are the same and runs it with plain pytest, no conftest).
+It imports nothing from the sparsetune test suite; copy it next to your model and replace
+``make_model``."""
 
 import torch
 from hypothesis import given, settings
@@ -8,13 +10,12 @@ from torch import nn
 import sparsetune as st
 from sparsetune import testing as stt
 
+HEAD = ["2.weight", "2.bias"]
 
-def make_model() -> nn.Module:  # your model here
+
+def make_model():  # your model here
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-
-
-HEAD = ["2.weight", "2.bias"]
 
 
 def make_optimizer(model, mask):  # your optimizer set-up here
@@ -22,12 +23,13 @@ def make_optimizer(model, mask):  # your optimizer set-up here
     return opt, torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=10)
 
 
+@settings(deadline=None)  # hypothesis's default 200 ms per example is too short for most models
 @given(mask=stt.masks(make_model(), density=stt.densities(min_value=0.01), always_train=HEAD))
 def test_frozen_entries_never_move(mask):
     stt.check_optimizer_respects_mask(make_optimizer, make_model(), mask, steps=3)
 
 
-@settings(max_examples=5)
+@settings(deadline=None, max_examples=5)
 @given(problem=stt.sparse_problems(density=0.3))
 def test_masked_adamw_on_tiny_problems(problem):
     def masked_adamw(model, mask):
@@ -58,7 +60,6 @@ def test_sparse_tuning_is_stable_within_the_bound():
         return nn.functional.cross_entropy(model(example[0][None]), example[1][None])
 
     measured = stt.empirical_stability(train, dataset, mask, loss_fn=loss, num_removals=6)
-    assert len(measured.values) == 6 and measured.stderr >= 0
     model = train(dataset, mask)
     stt.assert_frozen(model, make_model().state_dict(), mask)
     report = st.bounds.diagnose(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),

@@ -1,7 +1,7 @@
 """Training steps that selection runs: a fine-tuning burn-in, and the head warm-up before SAM.
 
-Both train on a snapshot: the model's weights, gradients, modes and the caller's RNG state are
-restored afterwards.
+Both train on a snapshot: the model's weights, buffers (BatchNorm statistics), gradients,
+``requires_grad`` flags, modes and the caller's RNG state are restored afterwards.
 """
 
 from __future__ import annotations

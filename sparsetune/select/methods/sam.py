@@ -55,7 +55,7 @@ def accumulated_gradient(
 
     With ``square_each=True`` it sums squared batch gradients instead (the Fisher information
     estimate of Child-Tuning-D). Returns ``name -> tensor`` for every parameter that requires
-    grad. The model's weights, ``.grad`` fields and train/eval modes are left as found.
+    grad. The model's weights, buffers, ``.grad`` fields and train/eval modes are left as found.
     """
     check_int("num_batches", num_batches, allow_none=True)
     _check_max_grad_norm(max_grad_norm)
@@ -65,7 +65,8 @@ def accumulated_gradient(
     seen = 0
     with restoring(model):
         model.eval()
-        for batch in batches(data, "gradients at theta0", progress, limit=num_batches):
+        for batch in batches(data, "gradients at theta0", progress, limit=num_batches,
+                             limit_name="num_batches"):
             grads = clipped_gradients(model, loss_fn, batch, params, max_grad_norm)
             for acc, g in zip(total, grads):
                 acc.add_(g.square() if square_each else g)
