@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
                    help="where the JSON results go (default benchmarks/results)")
+    p.add_argument("--tensor-count", action="store_true",
+                   help="only the launch-bound case (issue 23): step time and aten ops of "
+                        "SparseAdamW/SparseSGD for 10 vs 200 parameter tensors of the same total")
+    p.add_argument("--label", default="", help="suffix of the --tensor-count JSON file name")
     p.add_argument(CHILD_FLAG, dest="child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -728,10 +732,57 @@ def format_targets(results: dict[str, Any]) -> str:
 
 
 # -- main ---------------------------------------------------------------------------------------
+def measure_tensor_count(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 23: one step of each impl on 10 and on 200 fp32 tensors (same total entries and
+    selected count, dense gradients present): median step ms and the aten ops the profiler
+    records (a proxy for kernel launches on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sparsetune import SparseSGD
+
+    total, density = (200_000, 0.005) if args.quick else (4_000_000, 0.005)
+    rows = []
+    for tensors in (10, 200):
+        gen = torch.Generator().manual_seed(args.seed)
+        model = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(total // tensors, generator=gen))
+             for _ in range(tensors)])
+        mask = Mask({n: torch.rand(p.shape, generator=gen) < density
+                     for n, p in model.named_parameters()})
+        for cls, hyper in ((SparseAdamW, {}), (SparseSGD, {"momentum": 0.9})):
+            for impl in cls.impls:
+                opt = cls(model, mask, lr=args.lr, impl=impl, **hyper)
+                times = []
+                for i in range(3 + (args.repeats or 20)):
+                    opt.zero_grad()
+                    sum((p * p).sum() for p in model).backward()
+                    elapsed = _timed(opt.step)
+                    if i >= 3:
+                        times.append(elapsed)
+                opt.zero_grad()
+                sum((p * p).sum() for p in model).backward()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    opt.step()
+                ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+                stats = {f"{k}_ms": v * 1e3 for k, v in _summary(times).items()}
+                rows.append({"optimizer": cls.__name__, "impl": impl, "tensors": tensors,
+                             "total_entries": total, "aten_ops_per_step": ops, **stats})
+                print(f"{cls.__name__:12s} {impl:8s} {tensors:4d} tensors: "
+                      f"{rows[-1]['median_ms']:.3f} ms, {ops} aten ops")
+                del opt
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    name = f"optimizer-tensors{'-' + args.label if args.label else ''}.json"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / name).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the results dict (also written to JSON)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.tensor_count:
+        return measure_tensor_count(args)
     if args.child is not None:
         raise SystemExit(_child_main(args.child))
     if args.repeats is None:

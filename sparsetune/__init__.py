@@ -6,8 +6,8 @@ selects M, trains only the selected entries, and ships the result as a sparse de
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import bounds, curvature, data, integrations, subspace
-from .delta import BaseModelMismatchError, SparseDelta, merge_deltas
+from . import bounds, curvature, data, integrations, modules, subspace
+from .delta import BaseModelMismatchError, SparseDelta, merge_deltas, overlap_report
 from .errors import (
     CurvatureError,
     FileFormatError,
@@ -21,6 +21,7 @@ from .errors import (
 )
 from .files import load_mask, save_mask
 from .mask import Mask, ParameterSummary, budget_size
+from .modules import DeltaHandle, attach
 from .optim import (
     ChildTuningF,
     MaskedOptimizer,
@@ -42,6 +43,7 @@ __all__ = [
     "BaseModelMismatchError",
     "ChildTuningF",
     "CurvatureError",
+    "DeltaHandle",
     "FileFormatError",
     "FileWriteError",
     "InvalidArgumentError",
@@ -60,6 +62,7 @@ __all__ = [
     "SparsetuneError",
     "StateMismatchError",
     "__version__",
+    "attach",
     "bounds",
     "budget_size",
     "curvature",
@@ -67,7 +70,9 @@ __all__ = [
     "integrations",
     "load_mask",
     "merge_deltas",
+    "modules",
     "optimizer_state_nbytes",
+    "overlap_report",
     "prepare",
     "save_mask",
     "select",

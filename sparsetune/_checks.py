@@ -15,7 +15,12 @@ from typing import Any
 from .errors import InvalidArgumentError
 
 __all__ = [
-    "check_density", "check_int", "check_non_negative", "check_positive", "unwrap_compiled",
+    "check_density",
+    "check_int",
+    "check_non_negative",
+    "check_positive",
+    "reject_sharded",
+    "unwrap_compiled",
 ]
 
 
@@ -80,3 +85,21 @@ def check_non_negative(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise InvalidArgumentError(f"Invalid {name}: {value!r} (must be a number >= 0)")
     return float(value)
+
+
+def reject_sharded(model: Any, who: str, advice: str) -> None:
+    """Raise :class:`InvalidArgumentError` if any parameter of ``model`` is a DTensor (FSDP2
+    ``fully_shard``, tensor parallelism): ``who`` does not take sharded models; ``advice`` says
+    what to do instead."""
+    if "torch.distributed.tensor" not in sys.modules or not hasattr(model, "named_parameters"):
+        return  # no DTensor was ever made; or not a model, which the caller's checks report
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    if sharded:
+        raise InvalidArgumentError(
+            f"{who} does not support sharded parameters (FSDP2 fully_shard, tensor "
+            f"parallelism) yet: {len(sharded)} parameters are DTensors, e.g. {sharded[:3]}; "
+            f"{advice}"
+        )
+

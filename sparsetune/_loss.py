@@ -1,7 +1,8 @@
 """The loss and the data, as every stage sees them: one home for the plumbing they share.
 
 A loss is ``loss_fn(model, batch) -> scalar tensor`` (:data:`LossFn`); for transformers models the
-default is ``model(**batch).loss`` (:func:`transformers_loss`). ``data`` is any iterable of
+default is ``model(**batch).loss`` (:func:`transformers_loss`; for a causal LM given no labels,
+next-token prediction on ``input_ids``). ``data`` is any iterable of
 batches. :class:`LossModule` turns the loss into a module's forward so that
 ``torch.func.functional_call`` can swap parameters; :func:`batches`, :func:`cycle`,
 :func:`materialize` and :func:`reiterable` read the data; :func:`restoring` puts the model back as
@@ -11,7 +12,10 @@ it was. Imports nothing of sparsetune but ``errors``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import itertools
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -27,8 +31,10 @@ __all__ = [
     "LossFn",
     "LossModule",
     "batches",
+    "causal_lm_batch",
     "check_scalar_loss",
     "cycle",
+    "is_causal_lm",
     "materialize",
     "reiterable",
     "restoring",
@@ -40,7 +46,16 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 
 
 def transformers_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
-    """Default loss: ``model(**batch).loss`` (a transformers model given labels)."""
+    """Default loss: ``model(**batch).loss`` (a transformers model given labels).
+
+    A causal language model (:func:`is_causal_lm`) given a batch of ``input_ids`` (and
+    ``attention_mask``) but no ``labels`` is trained on next-token prediction: the labels are
+    the ``input_ids`` with padding (``attention_mask == 0``) set to -100, and the model shifts
+    them itself (the mean cross-entropy of token t+1 given tokens <= t over the unpadded
+    targets, as ``model(input_ids, labels=input_ids)`` computes). ``batch`` is not modified.
+    """
+    if isinstance(batch, Mapping) and "labels" not in batch and is_causal_lm(model):
+        batch = causal_lm_batch(batch)
     out = model(**batch)
     loss = getattr(out, "loss", None)
     if loss is None:
@@ -49,6 +64,47 @@ def transformers_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
             "pass loss_fn(model, batch) -> scalar tensor, or include labels in the batch"
         )
     return loss
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a causal language model whose forward takes ``labels``: a
+    ``*ForCausalLM`` class, or any class transformers lists as a causal LM (``GPT2LMHeadModel``),
+    or a peft model wrapping one.
+    """
+    if _is_causal_lm_class(type(model)):
+        return True
+    base = getattr(model, "get_base_model", None)  # peft's PeftModel passes **kwargs on to it
+    return callable(base) and _is_causal_lm_class(type(base()))
+
+
+@functools.lru_cache(maxsize=64)
+def _is_causal_lm_class(cls: type) -> bool:
+    causal = cls.__name__.endswith("ForCausalLM")
+    if not causal and "transformers" in sys.modules:  # a transformers model: ask its registry
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        causal = cls.__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not causal:
+        return False
+    try:  # the class's forward: hooks (accelerate) may wrap the instance's
+        return "labels" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def causal_lm_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with ``labels``: its ``input_ids``, -100 where ``attention_mask`` is 0."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, Tensor):
+        raise InvalidArgumentError(
+            f"the default loss of a causal LM needs batch['input_ids'] (a tensor of token ids) "
+            f"to build labels from, got keys {sorted(batch)}; or include labels in the batch"
+        )
+    labels = ids.clone()
+    attention = batch.get("attention_mask")
+    if isinstance(attention, Tensor):
+        labels = labels.masked_fill(attention.to(labels.device) == 0, -100)
+    return {**batch, "labels": labels}
 
 
 class LossModule(nn.Module):

@@ -2,8 +2,11 @@
 
 :func:`top_k_entries` is what :meth:`sparsetune.Mask.top_k` computes (theory/ E1, E5): exactly k
 entries over all budgeted parameters (``scope="global"``, the paper's Theorem 3) or floor(numel p)
-per tensor (``"per_tensor"``, the authors' code). Ties go to the lowest flat index. Imports
-nothing of sparsetune but ``errors`` and ``_checks``.
+per tensor (``"per_tensor"``, the authors' code). Ties go to the lowest flat index. It streams:
+slices of each score tensor are merged into a running exact top k (:class:`StreamingTopK`), and
+:class:`LazyScores` computes a tensor's scores slice by slice when read, so that selection holds
+O(k) besides one slice. Imports nothing of sparsetune but ``errors``, ``_checks`` and
+``_mask_storage``.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import torch
 from torch import Tensor
 
 from ._checks import check_density
+from ._mask_storage import Entries
 from .errors import InvalidArgumentError, InvalidScoresError, ParameterMismatchError
 
 __all__ = [
-    "SCOPES", "Budget", "budget_size", "check_budget", "top_k_entries", "validate_scores",
+    "SCOPES", "Budget", "Entries", "LazyScores", "StreamingTopK", "budget_size", "check_budget",
+    "top_k_entries", "validate_scores",
 ]
 
 SCOPES = ("global", "per_tensor")
+SLICE = 1 << 18  # score entries read at a time: a few bytes each of transient memory
 
 
 def budget_size(num_entries: int, density: float) -> int:
@@ -44,24 +50,30 @@ def validate_scores(scores: Mapping[str, Tensor]) -> None:
         raise InvalidScoresError(
             f"scores must be a non-empty mapping from parameter names to tensors, got {scores!r}"
         )
+    if isinstance(scores, LazyScores):  # checked slice by slice as they are computed
+        return
     for name, value in scores.items():
-        if not isinstance(value, Tensor):
-            raise InvalidScoresError(
-                f"scores for parameter '{name}' must be a torch.Tensor, got {type(value).__name__}"
-            )
-        if value.dtype == torch.bool or value.is_complex():
-            raise InvalidScoresError(
-                f"scores for parameter '{name}' must be real numbers (a float or integer "
-                f"tensor), got {value.dtype}"
-            )
-        finite = torch.isfinite(value)
-        if not bool(finite.all()):
-            n_nan = int(torch.isnan(value).sum())
-            n_inf = int((~finite).sum()) - n_nan
-            raise InvalidScoresError(
-                f"scores for parameter '{name}' must be finite, got {n_nan} NaN and {n_inf} "
-                f"infinite entries of {value.numel()}"
-            )
+        _check_score(name, value)
+
+
+def _check_score(name: str, value: object) -> None:
+    if not isinstance(value, Tensor):
+        raise InvalidScoresError(
+            f"scores for parameter '{name}' must be a torch.Tensor, got {type(value).__name__}"
+        )
+    if value.dtype == torch.bool or value.is_complex():
+        raise InvalidScoresError(
+            f"scores for parameter '{name}' must be real numbers (a float or integer "
+            f"tensor), got {value.dtype}"
+        )
+    finite = torch.isfinite(value)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(value).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise InvalidScoresError(
+            f"scores for parameter '{name}' must be finite, got {n_nan} NaN and {n_inf} "
+            f"infinite entries of {value.numel()}"
+        )
 
 
 def target_names(targets: Iterable[str], scores: Mapping[str, object],
@@ -97,6 +109,107 @@ def select_top(flat: Tensor, k: int) -> Tensor:
         ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
         selected[ties] = True
     return selected
+
+
+class LazyScores(Mapping[str, Tensor]):
+    """Scores ``score(p)`` of parameters ``params``, computed when read, never stored.
+
+    ``score`` must act entrywise (``abs``, say), so that :func:`top_k_entries` can read a
+    tensor's scores one slice of its flat entries at a time; the scores are taken to have
+    the parameters' dtypes.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], score: Callable[[Tensor], Tensor]) -> None:
+        self._params, self._score = dict(params), score
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._score(self._params[name].detach())
+
+    def __iter__(self):
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def param(self, name: str) -> Tensor:
+        return self._params[name]
+
+    def flat_slices(self, name: str):
+        """``(start, scores of flat entries [start, start + SLICE))`` of ``name``, in order."""
+        flat = self._params[name].detach().reshape(-1)
+        for start in range(0, flat.numel(), SLICE):
+            yield start, self._score(flat[start:start + SLICE])
+
+
+class StreamingTopK:
+    """Exact top ``k`` of a stream of score slices given in increasing position order.
+
+    The order is (score descending, position ascending), so ties go to the lowest position,
+    as in :func:`select_top`; the top k of a union is the top k of the parts' top k, so
+    merging held candidates whenever they pass 1.25k (or k + a slice) is exact. Once k are held,
+    the k-th score is a floor: a later entry must beat it strictly to enter. Memory: O(k)
+    besides one slice.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._vals: list[Tensor] = []
+        self._pos: list[Tensor] = []
+        self._held = 0
+        self._floor: Tensor | None = None
+        self._device: torch.device | None = None
+
+    def add(self, values: Tensor, offset: int) -> None:
+        """Offer the scores of positions ``offset + i`` (``values`` 1-D)."""
+        if self.k <= 0 or values.numel() == 0:
+            return
+        if self._floor is not None:
+            pos = torch.nonzero(values > self._floor.to(values.device)).squeeze(1)
+            values = values[pos]
+        else:
+            pos = torch.arange(values.numel(), device=values.device)
+        if values.numel() == 0:
+            return
+        self._device = self._device or values.device
+        self._vals.append(values.to(self._device))
+        self._pos.append(pos.add_(offset).to(self._device))
+        self._held += values.numel()
+        if self._held > self.k + max(self.k // 4, SLICE):
+            self._merge()
+
+    def _merge(self) -> None:
+        vals, pos = torch.cat(self._vals), torch.cat(self._pos)
+        if vals.numel() > self.k:
+            keep = select_top(vals, self.k)
+            vals, pos = vals[keep], pos[keep]
+        if vals.numel() >= self.k:
+            self._floor = vals.min()
+        self._vals, self._pos, self._held = [vals], [pos], vals.numel()
+
+    def positions(self) -> Tensor:
+        """The chosen positions, sorted (int64)."""
+        if not self._vals:
+            return torch.zeros(0, dtype=torch.int64)
+        self._merge()
+        return self._pos[0]
+
+
+def _stream(scores: Mapping[str, Tensor], name: str, dtype: torch.dtype | None):
+    """``(start, 1-D scores)`` slices of ``name``, checked, in ``dtype`` (own dtype if None)."""
+    if isinstance(scores, LazyScores):
+        pieces = scores.flat_slices(name)
+    else:
+        flat = scores[name].detach().reshape(-1)
+        pieces = ((i, flat[i:i + SLICE]) for i in range(0, flat.numel(), SLICE))
+    for start, piece in pieces:
+        if isinstance(scores, LazyScores):
+            _check_score(name, piece)
+        yield start, piece if dtype is None else piece.to(dtype)
+
+
+def _like(scores: Mapping[str, Tensor], name: str) -> Tensor:
+    """A tensor with the shape, dtype and device of ``name``'s scores (not computed if lazy)."""
+    return scores.param(name) if isinstance(scores, LazyScores) else scores[name]
 
 
 class Budget(NamedTuple):
@@ -189,36 +302,43 @@ def top_k_entries(
     *,
     always_train: Iterable[str] = (),
     targets: Iterable[str] | None = None,
-) -> tuple[dict[str, Tensor], frozenset[str]]:
-    """``(name -> bool tensor, always-trained names)`` of :meth:`sparsetune.Mask.top_k`."""
+) -> tuple[dict[str, Entries], frozenset[str]]:
+    """``(name -> Entries, always-trained names)`` of :meth:`sparsetune.Mask.top_k`."""
     check_density(density)
     if scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
     validate_scores(scores)
-    plan = check_budget({n: s.numel() for n, s in scores.items()}, density, scope,
+    like = {n: _like(scores, n) for n in scores}
+    plan = check_budget({n: t.numel() for n, t in like.items()}, density, scope,
                         always_train=always_train, targets=targets)
-    p, always, budget, candidates, total = plan[:5]
-    result: dict[str, Tensor] = {
-        n: torch.ones_like(scores[n], dtype=torch.bool) for n in always
-    }
-    for n in budget:
-        if n not in candidates:
-            result[n] = torch.zeros_like(scores[n], dtype=torch.bool)
+    p, always, _, candidates, total = plan[:5]
+    chosen: dict[str, Tensor] = {}
     if scope == "per_tensor":
         for n in candidates:
-            s = scores[n].detach()
-            chosen = select_top(s.reshape(-1), math.floor(plan.share * s.numel()))
-            result[n] = chosen.reshape(s.shape)
+            top = StreamingTopK(math.floor(plan.share * like[n].numel()))
+            for start, piece in _stream(scores, n, None):
+                top.add(piece, start)
+            chosen[n] = top.positions()
     elif candidates:
         dtype = torch.float32
         for n in candidates:
-            dtype = torch.promote_types(dtype, scores[n].dtype)
-        device = scores[candidates[0]].device
-        flat = torch.cat(
-            [scores[n].detach().reshape(-1).to(device=device, dtype=dtype)
-             for n in candidates]
-        )
-        chosen = select_top(flat, budget_size(total, p))
-        for n, part in zip(candidates, chosen.split([scores[n].numel() for n in candidates])):
-            result[n] = part.reshape(scores[n].shape).to(scores[n].device)
-    return {n: result[n] for n in scores}, always
+            dtype = torch.promote_types(dtype, like[n].dtype)
+        top, offsets, offset = StreamingTopK(budget_size(total, p)), [], 0
+        for n in candidates:
+            offsets.append(offset)
+            for start, piece in _stream(scores, n, dtype):
+                top.add(piece, offset + start)
+            offset += like[n].numel()
+        pos = top.positions()
+        edges = torch.searchsorted(pos, torch.tensor([*offsets, offset], device=pos.device))
+        for i, n in enumerate(candidates):
+            chosen[n] = pos[int(edges[i]):int(edges[i + 1])] - offsets[i]
+    result = {}
+    for n, t in like.items():
+        if n in always:
+            result[n] = Entries.full(t.shape, t.device)
+        elif n in chosen:
+            result[n] = Entries.from_sorted(chosen[n].to(t.device), t.shape)
+        else:
+            result[n] = Entries.none(t.shape, t.device)
+    return result, always

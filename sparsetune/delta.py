@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,13 +46,27 @@ from ._delta_parts import (
     rounded,
     saved_buffers,
 )
+from ._merge_policies import SPARSE_POLICIES, Overlap, overlap, sparse_merged_entries
 from .errors import InvalidArgumentError, ParameterMismatchError
 from .mask import Mask
 
-__all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "DeltaEntry", "SparseDelta",
-           "base_fingerprint", "merge_deltas", "saved_buffers"]
+__all__ = ["MERGE_POLICIES", "BaseModelMismatchError", "DeltaEntry", "Overlap", "SparseDelta",
+           "base_fingerprint", "merge_deltas", "overlap_report", "register_attach",
+           "saved_buffers"]
 
-MERGE_POLICIES = ("sum", "mean", "error")
+MERGE_POLICIES = ("sum", "mean", "error", *SPARSE_POLICIES)
+#: Default ``density`` of the sparse policies: the papers' (TIES keeps the top 20%, DARE drops 90%).
+DEFAULT_DENSITY = {"ties": 0.2, "dare": 0.1}
+
+# The function behind SparseDelta.attach_to. It lives in sparsetune.modules, which sits above
+# this module (it builds SparseDeltas), so it registers itself here when imported.
+_ATTACH: list[Callable[..., Any]] = []
+
+
+def register_attach(fn: Callable[..., Any]) -> None:
+    """Install ``fn(model, delta, name, check_base) -> DeltaHandle`` as the implementation of
+    :meth:`SparseDelta.attach_to` (done by :mod:`sparsetune.modules` on import)."""
+    _ATTACH[:] = [fn]
 
 
 def base_fingerprint(params: Mapping[str, Tensor]) -> str:
@@ -320,6 +335,17 @@ class SparseDelta:
             self._write(buffers[name], None, e.base)
         return model
 
+    def attach_to(self, model: nn.Module, name: str = "default", *, check_base: bool = True
+                  ) -> Any:
+        """Load this delta as a module over the frozen base instead of writing the base:
+        :func:`sparsetune.attach` on the delta's support, its values set to dtheta (rounded to
+        float32; float64 over a float64 base). Returns the
+        :class:`~sparsetune.modules.DeltaHandle`; ``handle.to_delta()`` gives this delta back.
+        Buffers the delta records are not attached (``apply_to`` writes them)."""
+        if not _ATTACH:
+            raise InvalidArgumentError("attach_to needs sparsetune.modules: import sparsetune")
+        return _ATTACH[0](model, self, name, check_base)
+
     def __add__(self, other: SparseDelta) -> SparseDelta:
         if not isinstance(other, SparseDelta):
             return NotImplemented
@@ -341,12 +367,18 @@ class SparseDelta:
 
 
 def merge_deltas(
-    deltas: Iterable[SparseDelta], *, policy: str = "sum", method: str = "merged"
+    deltas: Iterable[SparseDelta], *, policy: str = "sum", method: str = "merged",
+    density: float | None = None, seed: int = 0,
 ) -> SparseDelta:
     """Combine deltas over the same base: supports are united, dtheta combined by ``policy``.
 
     ``"sum"`` adds the changes (task arithmetic), ``"mean"`` averages them over the deltas that
-    cover each entry, ``"error"`` refuses deltas whose supports overlap. Combined values are
+    cover each entry, ``"error"`` refuses deltas whose supports overlap; ``"ties"`` trims each
+    delta to its top ``density`` fraction by |dtheta|, elects a sign per entry and averages the
+    agreeing values, ``"dare"`` drops entries with probability 1 - ``density`` (seeded by
+    ``seed``) and rescales the rest by 1 / ``density`` before adding (:mod:`._merge_policies`;
+    ``density`` defaults to :data:`DEFAULT_DENSITY`; deltas that record buffers are refused:
+    trimming or dropping a buffer's change has no meaning). Combined values are
     computed in float64 and rounded once to the parameter dtype. Recorded buffers are combined
     the same way, as fully covered tensors (``"error"`` refuses two deltas that both change
     one; integer buffers are rounded to the nearest integer); deltas that record different base
@@ -360,12 +392,27 @@ def merge_deltas(
         raise InvalidArgumentError(f"policy must be one of {list(MERGE_POLICIES)}, got {policy!r}")
     if len({d.base_fingerprint for d in deltas}) != 1:
         raise BaseModelMismatchError("cannot merge deltas of different base models")
+    infos = [d.info for d in deltas]
+    info = infos[0] if all(i == infos[0] for i in infos) else None
+    if policy in SPARSE_POLICIES:
+        if any(d._buffers for d in deltas):
+            raise InvalidArgumentError(f"policy={policy!r} merges parameters only; these "
+                                       f"deltas record buffers: use 'sum' or 'mean'")
+        density = DEFAULT_DENSITY[policy] if density is None else float(density)
+        entries = sparse_merged_entries([d._entries for d in deltas], policy, density, seed)
+        return SparseDelta(entries, deltas[0].base_fingerprint, method, info)
     merged = []
     for tables in ([d._entries for d in deltas], [d._buffers for d in deltas]):
         merged.append({
             name: merged_entry(name, [t[name] for t in tables if name in t], policy)
             for name in dict.fromkeys(n for t in tables for n in t)
         })
-    infos = [d.info for d in deltas]
-    return SparseDelta(merged[0], deltas[0].base_fingerprint, method,
-                       infos[0] if all(i == infos[0] for i in infos) else None, merged[1])
+    return SparseDelta(merged[0], deltas[0].base_fingerprint, method, info, merged[1])
+
+
+def overlap_report(deltas: Iterable[SparseDelta]) -> dict[tuple[int, int], Overlap]:
+    """For every pair i < j of ``deltas``: the entries they share and how many of those change
+    in opposite directions (:class:`Overlap`; what ``"ties"`` resolves, ``"sum"`` adds)."""
+    deltas = list(deltas)
+    return {(i, j): overlap(list(deltas[i].entries.items()), list(deltas[j].entries.items()))
+            for i in range(len(deltas)) for j in range(i + 1, len(deltas))}

@@ -4,6 +4,13 @@ A :class:`Mask` is an immutable mapping from ``model.named_parameters()`` names 
 tensors of the parameters' shapes. ``True`` means *trainable*; ``False`` means the entry stays
 bit-identical to its pretrained value forever. There is no third meaning.
 
+In memory a mask is compact: per parameter it holds, on the parameter's device, the sorted
+flat indices of the selected entries (int32 below 2^31 entries, else int64), or the entries
+packed 8 per byte (``numpy.packbits`` order) where that is smaller, or nothing at all when
+every entry is selected: the rule of the mask files. A p = 0.5% mask of 1.1B entries holds
+22 MB. ``mask[name]`` builds the bool tensor when asked; :meth:`Mask.indices`,
+:meth:`Mask.count` and :meth:`Mask.shape` read the compact form without one.
+
 Some parameters (a freshly initialised task head, say) can be marked *always trained*: they are
 fully selected and counted apart from the budget, so ``mask.density`` is the density p of the
 budgeted parameters only, as in the paper.
@@ -13,65 +20,34 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._checks import unwrap_compiled
+from ._mask_storage import Entries, ParameterSummary, check_always, check_bool_tensor
 from ._topk import SCOPES, budget_size, top_k_entries
-from .errors import (
-    InvalidMaskError,
-    ParameterMismatchError,
-)
+from .errors import InvalidMaskError, ParameterMismatchError
 
 __all__ = ["SCOPES", "Mask", "ParameterSummary", "budget_size"]
-
-@dataclass(frozen=True)
-class ParameterSummary:
-    """Counts for one parameter of a mask."""
-
-    name: str
-    shape: tuple[int, ...]
-    selected: int
-    total: int
-    always_train: bool
-
-    @property
-    def density(self) -> float:
-        return self.selected / self.total if self.total else 0.0
-
-
-def _validate_bool_tensor(name: str, value: object) -> Tensor:
-    if not isinstance(value, Tensor):
-        raise InvalidMaskError(
-            f"mask for parameter '{name}' must be a torch.Tensor of dtype torch.bool, "
-            f"got {type(value).__name__}"
-        )
-    if value.dtype != torch.bool:
-        raise InvalidMaskError(
-            f"mask for parameter '{name}' must have dtype torch.bool, got {value.dtype}; "
-            f"convert explicitly, e.g. `tensor != 0`"
-        )
-    return value
 
 
 class Mask(Mapping[str, Tensor]):
     """Immutable mapping ``name -> BoolTensor`` over a model's parameters (theory/ E1).
 
-    Build one with :meth:`top_k`, :meth:`full`, :meth:`empty` or :meth:`from_dict`; combine with
-    ``|``, ``&``, ``~`` and ``-`` (elementwise on every tensor); check it against a model with
-    :meth:`check`. The tensors are copied on construction; do not modify the tensors you read
-    back from a mask.
+    Build one with :meth:`top_k`, :meth:`full`, :meth:`empty`, :meth:`from_names`,
+    :meth:`from_dict` or :meth:`from_indices`; combine with ``|``, ``&``, ``~`` and ``-``
+    (elementwise on every tensor); check it against a model with :meth:`check`. ``mask[name]``
+    is a fresh bool tensor built from the compact form on each call (one byte per entry of
+    that parameter): hot paths read :meth:`indices` and :meth:`count` instead.
 
     Counts (``num_selected``, ``num_total``, ``density``) cover the *budgeted* parameters only;
     parameters in ``always_train`` are fully selected and counted in ``num_always_trained``.
     """
 
-    __slots__ = ("_always_train", "_counts", "_digest", "_tensors")
+    __slots__ = ("_always_train", "_digest", "_entries")
 
     def __init__(
         self, tensors: Mapping[str, Tensor], *, always_train: Iterable[str] = ()
@@ -81,23 +57,24 @@ class Mask(Mapping[str, Tensor]):
                 f"a mask is built from a mapping of parameter names to bool tensors, "
                 f"got {type(tensors).__name__}"
             )
-        always = frozenset(always_train) if not isinstance(always_train, str) else {always_train}
-        unknown = sorted(always - set(tensors))
-        if unknown:
-            raise ParameterMismatchError(
-                f"always_train names parameters that are not in the mask: {unknown}; "
-                f"known parameters: {sorted(tensors)[:20]}{' ...' if len(tensors) > 20 else ''}"
-            )
-        own: dict[str, Tensor] = {}
+        always = check_always(always_train, tensors)
+        own: dict[str, Entries] = {}
         for name, value in tensors.items():
-            value = _validate_bool_tensor(name, value)
-            own[name] = (
-                torch.ones_like(value) if name in always else value.detach().clone()
-            )
-        self._tensors = own
-        self._always_train = frozenset(always)
+            value = check_bool_tensor(name, value).detach()
+            own[name] = (Entries.full(value.shape, value.device) if name in always
+                         else Entries.from_bool(value))
+        self._set(own, always)
+
+    def _set(self, entries: dict[str, Entries], always: frozenset[str]) -> None:
+        self._entries = entries
+        self._always_train = always
         self._digest: str | None = None
-        self._counts = {name: int(torch.count_nonzero(t)) for name, t in own.items()}
+
+    @classmethod
+    def _wrap(cls, entries: dict[str, Entries], always: frozenset[str]) -> Mask:
+        mask = cls.__new__(cls)
+        mask._set(entries, always)
+        return mask
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -108,22 +85,72 @@ class Mask(Mapping[str, Tensor]):
         return cls(tensors, always_train=always_train)
 
     @classmethod
+    def from_indices(
+        cls,
+        shapes: Mapping[str, Sequence[int]],
+        indices: Mapping[str, Tensor] | None = None,
+        *,
+        packed: Mapping[str, Tensor] | None = None,
+        always_train: Iterable[str] = (),
+    ) -> Mask:
+        """Mask over parameters of ``shapes`` without a bool per entry.
+
+        ``indices[name]``: the selected flat (row-major) indices, a 1-D integer tensor, unique,
+        in any order; ``packed[name]``: the entries packed 8 per byte as ``numpy.packbits``
+        writes them (uint8, ``ceil(numel / 8)`` bytes). A name in neither selects nothing. The
+        compact form lives on the device of the tensor given (CPU for names in neither).
+        """
+        indices, packed = dict(indices or {}), dict(packed or {})
+        extra = sorted((set(indices) | set(packed)) - set(shapes))
+        both = sorted(set(indices) & set(packed))
+        if extra or both:
+            raise ParameterMismatchError(f"from_indices: names without a shape {extra}; names "
+                                         f"given both indices and packed bits {both}")
+        always, own = check_always(always_train, shapes), {}
+        for name, shape in shapes.items():
+            given = packed.get(name, indices.get(name))
+            device = given.device if isinstance(given, Tensor) else "cpu"
+            if name in always:
+                own[name] = Entries.full(shape, device)
+            elif name in packed:
+                own[name] = Entries.from_packed(packed[name], shape, name)
+            elif name in indices:
+                own[name] = Entries.from_user_indices(indices[name], shape, name)
+            else:
+                own[name] = Entries.none(shape, device)
+        return cls._wrap(own, always)
+
+    @classmethod
+    def from_names(
+        cls, model: nn.Module | Mapping[str, Tensor], names: Iterable[str], *,
+        always_train: Iterable[str] = (),
+    ) -> Mask:
+        """Every entry of the parameters in ``names``, none of the others' (no bool per entry),
+        over ``model.named_parameters()`` or a mapping of name to parameter."""
+        params = (dict(model) if isinstance(model, Mapping)
+                  else dict(unwrap_compiled(model).named_parameters()))
+        chosen = frozenset([names] if isinstance(names, str) else names)
+        unknown = sorted(chosen - set(params))
+        if unknown:
+            raise ParameterMismatchError(f"from_names: the model has no parameters {unknown}")
+        always = check_always(always_train, params)
+        return cls._wrap(
+            {n: (Entries.full if n in chosen | always else Entries.none)(p.shape, p.device)
+             for n, p in params.items()},
+            always,
+        )
+
+    @classmethod
     def full(cls, model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
         """Every entry of every parameter selected (dense fine-tuning)."""
         model = unwrap_compiled(model)
-        return cls(
-            {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()},
-            always_train=always_train,
-        )
+        return cls.from_names(model, [n for n, _ in model.named_parameters()],
+                              always_train=always_train)
 
     @classmethod
     def empty(cls, model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
         """No entry selected, except the ``always_train`` parameters."""
-        model = unwrap_compiled(model)
-        return cls(
-            {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()},
-            always_train=always_train,
-        )
+        return cls.from_names(model, (), always_train=always_train)
 
     @classmethod
     def top_k(
@@ -138,7 +165,9 @@ class Mask(Mapping[str, Tensor]):
         """Keep the entries with the largest scores (theory/ E1, E5).
 
         Args:
-            scores: ``name -> tensor`` of finite scores, shaped like the parameters.
+            scores: ``name -> tensor`` of finite scores, shaped like the parameters; a
+                ``LazyScores`` (what ``magnitude_scores`` returns) computes them when read,
+                one slice of one tensor at a time.
             density: p in (0, 1], a real number (not a string or bool); a budget of 0
                 entries is an error naming the smallest density that selects one.
             scope: ``"global"`` keeps exactly k = floor(m p) entries over all budgeted
@@ -152,41 +181,59 @@ class Mask(Mapping[str, Tensor]):
                 p m / m_targets of each target. Everything else gets no entry.
 
         Ties are broken deterministically: among equal scores at the threshold the entry with
-        the lower flat index wins, parameters taken in the order of ``scores``.
+        the lower flat index wins, parameters taken in the order of ``scores``. The top k is
+        exact but streamed: slices of each tensor's scores are merged into a running top k.
         """
-        result, always = top_k_entries(
+        entries, always = top_k_entries(
             scores, density, scope, always_train=always_train, targets=targets
         )
-        return cls._wrap(result, always)
-
-    @classmethod
-    def _wrap(cls, tensors: dict[str, Tensor], always: frozenset[str]) -> Mask:
-        """Take ownership of freshly made tensors without copying them again."""
-        mask = cls.__new__(cls)
-        mask._tensors = tensors
-        mask._always_train = always
-        mask._digest = None
-        mask._counts = {name: int(torch.count_nonzero(t)) for name, t in tensors.items()}
-        return mask
+        return cls._wrap(entries, always)
 
     # -- Mapping --------------------------------------------------------------------------
-    def __getitem__(self, name: str) -> Tensor:
+    def _get(self, name: str) -> Entries:
         try:
-            return self._tensors[name]
+            return self._entries[name]
         except KeyError:
             raise ParameterMismatchError(
-                f"the mask has no parameter '{name}'; it has {len(self._tensors)} parameters, "
-                f"e.g. {list(self._tensors)[:5]}"
+                f"the mask has no parameter '{name}'; it has {len(self._entries)} parameters, "
+                f"e.g. {list(self._entries)[:5]}"
             ) from None
 
+    def __getitem__(self, name: str) -> Tensor:
+        """A new bool tensor of the parameter's shape, on the parameter's device."""
+        return self._get(name).dense()
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._entries
+
+    # -- compact reads --------------------------------------------------------------------
+    def indices(self, name: str) -> Tensor:
+        """Sorted flat indices of the selected entries of ``name`` (int32 below 2^31 entries,
+        else int64), on its device: stored as such unless the parameter is mostly selected."""
+        return self._get(name).indices()
+
+    def packed_bits(self, name: str) -> Tensor:
+        """The entries of ``name`` packed 8 per byte (uint8, ``numpy.packbits`` order)."""
+        return self._get(name).bits()
+
+    def count(self, name: str) -> int:
+        """Number of selected entries of ``name`` (no tensor is built)."""
+        return self._get(name).count
+
+    def shape(self, name: str) -> torch.Size:
+        """Shape of parameter ``name``."""
+        return self._get(name).shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data the mask holds in memory."""
+        return sum(e.nbytes for e in self._entries.values())
 
     # -- counts ---------------------------------------------------------------------------
     @property
@@ -197,12 +244,12 @@ class Mask(Mapping[str, Tensor]):
     @property
     def num_total(self) -> int:
         """m: number of entries of the budgeted (not always-trained) parameters."""
-        return sum(t.numel() for n, t in self._tensors.items() if n not in self._always_train)
+        return sum(e.numel for n, e in self._entries.items() if n not in self._always_train)
 
     @property
     def num_selected(self) -> int:
         """Selected entries of the budgeted parameters (k for a mask from :meth:`top_k`)."""
-        return sum(c for n, c in self._counts.items() if n not in self._always_train)
+        return sum(e.count for n, e in self._entries.items() if n not in self._always_train)
 
     @property
     def density(self) -> float:
@@ -213,7 +260,7 @@ class Mask(Mapping[str, Tensor]):
     @property
     def num_always_trained(self) -> int:
         """Entries of the always-trained parameters."""
-        return sum(self._tensors[n].numel() for n in self._always_train)
+        return sum(self._entries[n].numel for n in self._always_train)
 
     @property
     def num_trainable(self) -> int:
@@ -223,10 +270,8 @@ class Mask(Mapping[str, Tensor]):
     def per_parameter(self) -> dict[str, ParameterSummary]:
         """Selected and total entries of every parameter."""
         return {
-            n: ParameterSummary(
-                n, tuple(t.shape), self._counts[n], t.numel(), n in self._always_train
-            )
-            for n, t in self._tensors.items()
+            n: ParameterSummary(n, tuple(e.shape), e.count, e.numel, n in self._always_train)
+            for n, e in self._entries.items()
         }
 
     def summary(self, max_rows: int | None = 40) -> str:
@@ -262,37 +307,35 @@ class Mask(Mapping[str, Tensor]):
         """SHA-256 of names, shapes, always-train flags and bits: equal masks, equal digests."""
         if self._digest is None:
             h = hashlib.sha256()
-            for name in sorted(self._tensors):
-                t = self._tensors[name]
+            for name in sorted(self._entries):
+                e = self._entries[name]
                 flag = "A" if name in self._always_train else "B"
-                h.update(f"{name}\0{tuple(t.shape)}\0{flag}\0".encode())
-                h.update(np.packbits(t.detach().cpu().reshape(-1).numpy()).tobytes())
+                h.update(f"{name}\0{tuple(e.shape)}\0{flag}\0".encode())
+                h.update(memoryview(e.bits().cpu().numpy()))
             self._digest = h.hexdigest()
         return self._digest
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Mask):
             return NotImplemented
-        if set(self._tensors) != set(other._tensors) or self._always_train != other._always_train:
+        if set(self._entries) != set(other._entries) or self._always_train != other._always_train:
             return False
-        return all(
-            a.shape == other._tensors[n].shape and torch.equal(a, other._tensors[n].to(a.device))
-            for n, a in self._tensors.items()
-        )
+        return all(e.same(other._entries[n]) for n, e in self._entries.items())
 
     def __hash__(self) -> int:
         return hash(self.digest())
 
     # -- algebra --------------------------------------------------------------------------
-    def _combine(self, other: object, op: Callable[[Tensor, Tensor], Tensor], sym: str) -> Mask:
+    def _combine(self, other: object, sym: str) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
-        missing = sorted(set(self._tensors) - set(other._tensors))
-        extra = sorted(set(other._tensors) - set(self._tensors))
+        mine, theirs = self._entries, other._entries
+        missing = sorted(set(mine) - set(theirs))
+        extra = sorted(set(theirs) - set(mine))
         shapes = [
-            f"{n}: {tuple(t.shape)} vs {tuple(other._tensors[n].shape)}"
-            for n, t in self._tensors.items()
-            if n in other._tensors and t.shape != other._tensors[n].shape
+            f"{n}: {tuple(e.shape)} vs {tuple(theirs[n].shape)}"
+            for n, e in mine.items()
+            if n in theirs and e.shape != theirs[n].shape
         ]
         if missing or extra or shapes:
             raise InvalidMaskError(
@@ -300,34 +343,39 @@ class Mask(Mapping[str, Tensor]):
                 f"the same shapes; only in the left: {missing}; only in the right: {extra}; "
                 f"different shapes: {shapes}"
             )
-        out = {n: op(t, other._tensors[n].to(t.device)) for n, t in self._tensors.items()}
+        out = {n: e.combine(theirs[n], sym) for n, e in mine.items()}
         return Mask._wrap(out, self._still_full(out, self._always_train | other._always_train))
 
     @staticmethod
-    def _still_full(tensors: dict[str, Tensor], names: frozenset[str]) -> frozenset[str]:
-        return frozenset(n for n in names if bool(tensors[n].all()))
+    def _still_full(entries: dict[str, Entries], names: frozenset[str]) -> frozenset[str]:
+        return frozenset(n for n in names if entries[n].count == entries[n].numel)
 
     def __or__(self, other: object) -> Mask:
-        return self._combine(other, torch.logical_or, "|")
+        return self._combine(other, "|")
 
     def __and__(self, other: object) -> Mask:
-        return self._combine(other, torch.logical_and, "&")
+        return self._combine(other, "&")
 
     def __sub__(self, other: object) -> Mask:
-        return self._combine(other, lambda a, b: a & ~b, "-")
+        return self._combine(other, "-")
 
     def __invert__(self) -> Mask:
-        out = {n: ~t for n, t in self._tensors.items()}
+        out = {n: e.invert() for n, e in self._entries.items()}
         return Mask._wrap(out, self._still_full(out, self._always_train))
 
     def with_always_train(self, names: Iterable[str]) -> Mask:
         """A copy with ``names`` (added to the current ones) fully selected and always trained."""
-        extra = frozenset([names] if isinstance(names, str) else names)
-        return Mask(self._tensors, always_train=self._always_train | extra)
+        always = self._always_train | check_always(names, self._entries)
+        return Mask._wrap(
+            {n: Entries.full(e.shape, e.device) if n in always else e
+             for n, e in self._entries.items()},
+            always,
+        )
 
     def to(self, device: torch.device | str) -> Mask:
-        """The same mask with its tensors on ``device``."""
-        return Mask._wrap({n: t.to(device) for n, t in self._tensors.items()}, self._always_train)
+        """The same mask with its compact tensors on ``device``."""
+        return Mask._wrap({n: e.to(device) for n, e in self._entries.items()},
+                          self._always_train)
 
     # -- files ----------------------------------------------------------------------------
     def save(
@@ -368,14 +416,14 @@ class Mask(Mapping[str, Tensor]):
         """
         model = unwrap_compiled(model)
         params = dict(model.named_parameters())
-        unexpected = [n for n in self._tensors if n not in params]
+        unexpected = [n for n in self._entries if n not in params]
         misshaped = [
-            f"{n}: mask {tuple(t.shape)}, parameter {tuple(params[n].shape)}"
-            for n, t in self._tensors.items()
-            if n in params and t.shape != params[n].shape
+            f"{n}: mask {tuple(e.shape)}, parameter {tuple(params[n].shape)}"
+            for n, e in self._entries.items()
+            if n in params and e.shape != params[n].shape
         ]
         missing = (
-            [n for n, p in params.items() if p.requires_grad and n not in self._tensors]
+            [n for n, p in params.items() if p.requires_grad and n not in self._entries]
             if complete
             else []
         )

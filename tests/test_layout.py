@@ -22,8 +22,10 @@ BOTTOM = {
     "sparsetune.errors": set(),
     "sparsetune._checks": {"sparsetune.errors"},
     "sparsetune._loss": {"sparsetune.errors", "sparsetune._checks"},
-    "sparsetune._topk": {"sparsetune.errors", "sparsetune._checks"},
-    "sparsetune.mask": {"sparsetune.errors", "sparsetune._checks", "sparsetune._topk"},
+    "sparsetune._mask_storage": {"sparsetune.errors"},
+    "sparsetune._topk": {"sparsetune.errors", "sparsetune._checks", "sparsetune._mask_storage"},
+    "sparsetune.mask": {"sparsetune.errors", "sparsetune._checks", "sparsetune._topk",
+                        "sparsetune._mask_storage"},
 }
 BELOW_FILES = {*BOTTOM, "sparsetune.delta"}
 LAZY_ENTRY_POINTS = {"save", "load"}

@@ -60,9 +60,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "give the flag with no names for none)",
     )
     mask.add_argument(
-        "--targets", nargs="+", metavar="REGEX",
-        help="only parameters whose name matches one of these regexes get entries (the budget "
-        "stays p of the whole model), e.g. 'attention\\.self\\.(query|value)\\.weight$'",
+        "--targets", nargs="+", metavar="TARGET",
+        help="only these parameters get entries (the budget stays p of the whole model): "
+        "module names as peft's target_modules ('query value': their weights), 'all-linear', "
+        "or regexes of parameter names, e.g. 'attention\\.self\\.(query|value)\\.weight$'",
     )
     mask.add_argument(
         "-O", "--option", type=_option, action="append", default=[], metavar="KEY=VALUE",

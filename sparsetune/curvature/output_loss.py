@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._loss import batches
+from .._loss import batches, causal_lm_batch
 from ..errors import InvalidArgumentError
 from .objective import Coordinates, Objective, chunk_for
 from .per_example import (
@@ -45,6 +45,15 @@ DEFAULT_CHUNK = 16
 
 def _transformers_logits(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def _next_token_logits(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    return _transformers_logits(model, batch)[:, :-1]
+
+
+def _next_token_labels(batch: Mapping[str, Any]) -> Tensor:
+    labels = batch["labels"] if "labels" in batch else causal_lm_batch(batch)["labels"]
+    return labels[:, 1:]
 
 
 def _transformers_labels(batch: Mapping[str, Any]) -> Tensor:
@@ -99,6 +108,14 @@ class OutputLoss:
         ``batch["labels"]`` (sequence or token classification; -100 labels are ignored), which
         is the loss ``model(**batch).loss`` computes for ``num_labels >= 2``."""
         return cls(_transformers_logits, _transformers_labels, "cross_entropy", reduction)
+
+    @classmethod
+    def causal_lm(cls, reduction: str = "mean") -> OutputLoss:
+        """Next-token cross-entropy of a transformers causal LM: logits (N, T-1, V) at positions
+        0..T-2 against the tokens 1..T-1 of ``batch["labels"]`` (built from ``input_ids``, -100
+        where ``attention_mask`` is 0, when absent): the loss ``model(**batch, labels=...).loss``
+        computes (see :func:`sparsetune._loss.transformers_loss`)."""
+        return cls(_next_token_logits, _next_token_labels, "cross_entropy", reduction)
 
     def check(self, outputs: Tensor, targets: Tensor) -> None:
         """Raise unless outputs and targets have matching shapes and dtypes (shapes only)."""

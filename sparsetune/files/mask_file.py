@@ -55,30 +55,30 @@ from .table import (
 __all__ = ["load_mask", "model_fingerprint", "save_mask"]
 
 
-def _encode(selected: Tensor) -> tuple[str, Tensor]:
-    flat = selected.detach().reshape(-1).cpu()
-    count = int(flat.sum())
-    dtype = index_dtype(flat.numel())
-    index_bytes = count * (4 if dtype == torch.int32 else 8)
-    if index_bytes <= (flat.numel() + 7) // 8:
-        return "idx", torch.nonzero(flat).squeeze(1).to(dtype)
-    return "bits", torch.from_numpy(np.packbits(flat.numpy()))
+def _encode(mask: Mask, name: str) -> tuple[str, Tensor]:
+    """The smaller of the two encodings, read from the mask's compact form (no bool tensor)."""
+    numel = mask.shape(name).numel()
+    dtype = index_dtype(numel)
+    if mask.count(name) * (4 if dtype == torch.int32 else 8) <= (numel + 7) // 8:
+        return "idx", mask.indices(name).cpu().to(dtype)
+    return "bits", mask.packed_bits(name).cpu()
 
 
 def _decode(encoding: str, data: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
+    """Check one stored tensor; returns it as indices or as packed bits (padding cleared)."""
     numel = int(np.prod(shape)) if shape else 1
     if encoding == "idx":
         if not check_indices(data, shape):
             raise FileFormatError(f"mask file: indices of '{name}' fall outside {numel} entries")
-        flat = torch.zeros(numel, dtype=torch.bool)
-        flat[data.long()] = True
-    elif encoding == "bits":
-        if data.numel() != (numel + 7) // 8:
+        return data
+    if encoding == "bits":
+        if data.dtype != torch.uint8 or data.numel() != (numel + 7) // 8:
             raise FileFormatError(f"mask file: '{name}' has {data.numel()} bytes for {numel} bits")
-        flat = torch.from_numpy(np.unpackbits(data.numpy(), count=numel).astype(bool))
-    else:
-        raise FileFormatError(f"mask file: unknown encoding {encoding!r} for '{name}'")
-    return flat.reshape(shape)
+        if numel % 8:  # numpy.unpackbits(count=numel) ignored them: so do we
+            data = data.clone()
+            data[-1] &= (0xFF << (8 - numel % 8)) & 0xFF
+        return data
+    raise FileFormatError(f"mask file: unknown encoding {encoding!r} for '{name}'")
 
 
 def _shapes(pairs: list[list]) -> str:
@@ -109,10 +109,10 @@ def save_mask(
     if model is not None:
         mask.check(model)
     tensors, rows = {}, []
-    for name, selected in mask.items():
-        encoding, data = _encode(selected)
+    for name in mask:
+        encoding, data = _encode(mask, name)
         tensors[f"{encoding}:{name}"] = data
-        rows.append((name, tuple(selected.shape), encoding))
+        rows.append((name, tuple(mask.shape(name)), encoding))
     metadata = {
         "format_version": FORMAT_VERSION,
         "kind": "mask",
@@ -144,9 +144,14 @@ def load_mask(path: str | os.PathLike, *, model: nn.Module | None = None) -> Mas
     rows = decode_table(path, metadata)
     always_train = json_field(path, metadata, "always_train")
     stored = read_tensors(path, {f"{enc}:{name}" for name, _, enc in rows})
-    tensors = {name: _decode(enc, stored[f"{enc}:{name}"], shape, name)
-               for name, shape, enc in rows}
-    mask = Mask(tensors, always_train=always_train)  # type: ignore[arg-type]
+    data = {name: _decode(enc, stored[f"{enc}:{name}"], shape, name) for name, shape, enc in rows}
+    encodings = {name: enc for name, _, enc in rows}
+    mask = Mask.from_indices(  # no bool per entry: the stored form is the compact one
+        {name: shape for name, shape, _ in rows},
+        {n: d for n, d in data.items() if encodings[n] == "idx"},
+        packed={n: d for n, d in data.items() if encodings[n] == "bits"},
+        always_train=always_train,  # type: ignore[arg-type]
+    )
     if mask.digest() != metadata.get("mask_digest"):
         raise FileFormatError(f"{path}: contents do not match the stored mask digest (damaged?)")
     if model is not None:

@@ -15,11 +15,13 @@ Then train as usual: ``DistributedDataParallel`` averages gradients, and
 ``SparseAdamW(ddp_model.module, mask)`` (names of the unwrapped module, as in the mask) steps
 identically on every rank, keeping its compact state (selected entries only) on each rank.
 
-FSDP2 (``torch.distributed.fsdp.fully_shard``) is **not supported**: it replaces every parameter
-by a DTensor that holds one shard per rank, while a mask (and the optimizers' flat indices)
-address entries of the full parameter. :func:`reject_sharded_parameters` raises a clear error
-for such parameters. Use DDP instead: each rank holds full parameters, and a sparse optimizer's
-state is already small (about 12 bytes per selected entry), which is what sharding would save.
+FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded on dim 0): ``SparseAdamW`` and
+``SparseSGD`` take the sharded model and the global mask; each rank keeps state only for the
+selected entries of its own shard, steps on ``to_local()`` shards, and ``clip_grad_norm_``
+all-reduces the norm (:mod:`sparsetune.optim.sharded`: what is and is not supported yet). Select
+the mask before sharding (or on an unsharded copy) and check it with :func:`assert_same_mask`:
+``select_distributed``, ``prepare()`` and the delta modules are not supported on a sharded
+model yet, and :class:`MaskedOptimizer` refuses DTensors (:func:`reject_sharded_parameters`).
 
 Collectives run on the CPU for gloo and on the current CUDA device for NCCL. Every function here
 is collective: call it on every rank of ``group``, in the same order.
@@ -35,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .._checks import reject_sharded
 from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
@@ -199,6 +202,8 @@ def select_distributed(
     masks are checked to be identical on every rank.
     """
     _check_initialized()
+    reject_sharded(model, "select_distributed",
+                   "select on the full model (one process or DDP) and pass the mask on")
     model = check_select(model, method, density, scope=scope, seed=seed,
                          always_train=always_train, options=options).model
     spec = method_spec(method)
@@ -234,8 +239,9 @@ def select_distributed(
 def reject_sharded_parameters(model_or_named: Any, who: str = "sparsetune") -> None:
     """Raise if any parameter is a DTensor (FSDP2 ``fully_shard``, tensor parallelism).
 
-    Masks and the sparse optimizers index entries of full parameters; a DTensor holds one
-    shard per rank, so they cannot be applied to it. The optimizers call this themselves.
+    A mask indexes entries of full parameters and a DTensor holds one shard per rank, so what
+    works on full parameters (MaskedOptimizer, selection) cannot use it; SparseAdamW and
+    SparseSGD accept FSDP2's shards (:mod:`sparsetune.optim.sharded`).
     """
     named = (
         list(model_or_named.named_parameters())

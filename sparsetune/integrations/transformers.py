@@ -196,7 +196,9 @@ class SparseTrainer(Trainer):
         selection_batches: batches of training data given to data-driven methods.
         selection_options: further ``select`` options (``max_grad_norm``, ``scope``, ...).
         selection_loss_fn: ``loss_fn(model, batch)`` for selection only (training uses the
-            Trainer's loss); default ``model(**batch).loss``.
+            Trainer's loss); default ``model(**batch).loss``, and for a causal LM whose
+            batches carry no labels, next-token prediction on ``input_ids`` with padding
+            (``attention_mask == 0``) ignored (:func:`sparsetune.select.select`).
         decay_to: ``"zero"`` (AdamW) or ``"init"`` (pull toward theta0, theory/ E2).
         sparse_gradients: compute Linear/Embedding weight gradients at the selected entries
             only (:func:`sparsetune.prepare`), from just after the optimizer is built until

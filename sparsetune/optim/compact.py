@@ -1,9 +1,11 @@
 """Base class of the compact-state optimizers: state only for the selected entries.
 
-The step has three implementations (``impl``, :data:`IMPLS`), which give the same results:
+The step has four implementations (``impl``, :data:`IMPLS`), which give the same results:
 ``"flat"`` lays a param group's selected entries end to end (one buffer per state key) and
-updates them with one set of tensor ops per step, so the launches do not grow with the number
-of tensors; ``"foreach"`` runs torch's multi-tensor ops over the per-parameter tensors;
+updates them with one set of tensor ops per step; ``"packed"`` (opt-in) also lays the
+parameters and their gradients end to end, so the launches of a step do not grow with the
+number of tensors (costs: :mod:`.flat`); ``"foreach"`` runs torch's multi-tensor ops over the
+per-parameter tensors;
 ``"forloop"`` updates one parameter at a time, the obviously-correct twin.
 
 Every step starts from the parameters' current values (they are read, O(k), at each step), so
@@ -25,27 +27,26 @@ from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
 from ..sparse_grad import selected_gradient
+from . import sharded
 from .flat import FlatGroup
+from .grad_accumulation import DenseFp32Accumulator, check_fp32_grad_accumulation
+from .hooks import StepInBackward, add_fingerprint, impl_from_foreach, pop_and_check_fingerprint
 from .masters import (
+    LOW_PRECISION,
     check_master_weights,
     fit_state,
     remember_full_precision_state,
     restore_full_precision_state,
     resync_,
     state_dtype,
+    uses_master,
 )
-from .selection import (
-    STATE_KEY,
-    Selection,
-    check_coverage,
-    check_fingerprint,
-    mask_fingerprint,
-    named_parameter_groups,
-)
+from .selection import Selection, check_coverage, named_parameter_groups
 
 DECAY_TARGETS = ("zero", "init")
 #: The implementations of the compact step, fastest first (see the module docstring).
-IMPLS = ("flat", "foreach", "forloop")
+IMPLS = ("flat", "packed", "foreach", "forloop")
+FLAT_IMPLS = ("flat", "packed")
 
 
 class CompactStateOptimizer(Optimizer):
@@ -70,6 +71,9 @@ class CompactStateOptimizer(Optimizer):
     any kind) are the starting point. A group's ``"master_weights"`` (None or True: masters for
     bf16/fp16 parameters; False: none; fp32/fp64 parameters never need one) is explained in
     :mod:`sparsetune.optim.masters`.
+
+    FSDP2 (``fully_shard``): each rank keeps state for the selected entries of its own shard
+    and ``state_dict()`` is this rank's; see :mod:`sparsetune.optim.sharded`.
     """
 
     #: The values of ``impl`` this optimizer offers; the first is the automatic choice.
@@ -83,6 +87,7 @@ class CompactStateOptimizer(Optimizer):
                 f"decay_to must be one of {list(DECAY_TARGETS)}, got {defaults.get('decay_to')!r}"
             )
         check_master_weights(defaults.get("master_weights"))
+        check_fp32_grad_accumulation(defaults.get("fp32_grad_accumulation"))
         defaults = dict(defaults)
         defaults["impl"] = self._resolved_impl(defaults.get("impl"), defaults.pop("foreach", None))
         if isinstance(model_or_named_params, torch.nn.Module):
@@ -91,10 +96,14 @@ class CompactStateOptimizer(Optimizer):
         self.mask = mask
         self._selections: dict[Tensor, Selection] = {}
         self._flats: dict[int, FlatGroup] = {}
+        self._accumulators: dict[Tensor, DenseFp32Accumulator] = {}
+        self._shard_group: Any = None  # FSDP2: the group of the ranks holding the shards
         super().__init__(groups, defaults)
-        self.register_state_dict_post_hook(_add_fingerprint)
-        self.register_load_state_dict_pre_hook(_pop_and_check_fingerprint)
-        self.register_load_state_dict_pre_hook(_impl_from_foreach)
+        self.register_state_dict_post_hook(add_fingerprint)
+        self.register_state_dict_post_hook(sharded.add_shard)
+        self.register_load_state_dict_pre_hook(sharded.check_shard, prepend=True)
+        self.register_load_state_dict_pre_hook(pop_and_check_fingerprint)
+        self.register_load_state_dict_pre_hook(impl_from_foreach)
         self.register_load_state_dict_pre_hook(remember_full_precision_state)
         self.register_load_state_dict_post_hook(_forget_flat_state)
         self.register_load_state_dict_post_hook(restore_full_precision_state)
@@ -113,6 +122,7 @@ class CompactStateOptimizer(Optimizer):
                 f"decay_to must be one of {list(DECAY_TARGETS)}, got {decay_to!r}"
             )
         check_master_weights(param_group.get("master_weights"))
+        check_fp32_grad_accumulation(param_group.get("fp32_grad_accumulation"))
         if "impl" in param_group or "foreach" in param_group:
             param_group = dict(param_group)
             foreach = param_group.pop("foreach", None)
@@ -126,22 +136,37 @@ class CompactStateOptimizer(Optimizer):
                 raise InvalidArgumentError(
                     f"{type(self).__name__} needs parameter names: give (name, parameter) pairs"
                 )
-            check_coverage(zip(names, group["params"]), self.mask, type(self).__name__)
+            check_coverage(zip(names, group["params"]), self.mask, type(self).__name__,
+                           sharded=True)
             selections = {}
             for name, p in zip(names, group["params"]):
+                if name in self.mask and not sharded.is_sharded(p):
+                    selections[p] = Selection.from_mask(self.mask, name, p.device)
+                    continue
                 if name in self.mask:
-                    selected = self.mask[name]
+                    selected = sharded.local_mask(p, self.mask[name])  # FSDP2: this rank's rows
                 else:
-                    selected = torch.zeros(p.shape, dtype=torch.bool)
+                    selected = torch.zeros(sharded.local(p).shape, dtype=torch.bool)
                 selections[p] = Selection(selected, p.device)
+            shard_group = sharded.joined_group(self, group["params"], first=count == 0)
         except BaseException:
             del self.param_groups[count:]  # a failed call leaves the optimizer as it was
             raise
-        self._flats = {}
+        _forget_flat_state(self)
+        self._shard_group = shard_group
         self._selections.update(selections)
         for p, sel in selections.items():
             if group["decay_to"] == "init" and sel.kind != "none":
-                self.state[p]["theta0"] = sel.gather(p).detach().clone()
+                self.state[p]["theta0"] = sel.gather(sharded.local(p)).detach().clone()
+            if (
+                sel.kind != "none"
+                and not sharded.is_sharded(p)
+                and p.dtype in LOW_PRECISION
+                and uses_master(group, p)
+                and group["fp32_grad_accumulation"] is not False
+                and p.requires_grad
+            ):
+                self._accumulators[p] = DenseFp32Accumulator(p, sel)
 
     @classmethod
     def _resolved_impl(cls, impl: str | None, foreach: bool | None = None) -> str:
@@ -183,25 +208,51 @@ class CompactStateOptimizer(Optimizer):
             for p in group["params"]:
                 sel = self._selections[p]
                 if p.grad is not None and sel.kind != "none":
-                    values.append(selected_gradient(p, sel.index))
-                    grads.append(p.grad)
-        if not values:
+                    values.append(self._gradient(group, p, sel))
+                    grads.append(p)
+        if not values and self._shard_group is None:
             return torch.tensor(0.0)
-        device = values[0].device
+        device = values[0].device if values else torch.device("cpu")
         norms = [  # bf16/fp16 gradients: the norm in fp32
             torch.linalg.vector_norm(v, norm_type, dtype=_at_least_fp32(v.dtype)).to(device)
             for v in values
         ]
-        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        if self._shard_group is not None:  # FSDP2: every rank holds a share of the entries
+            total = sharded.global_norm(norms, norm_type, self._shard_group, device)
+        else:
+            total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
         if error_if_nonfinite and not bool(torch.isfinite(total)):
             raise InvalidArgumentError(
                 f"the total norm of order {norm_type} of the selected gradients is "
                 f"{float(total)}; set error_if_nonfinite=False to clip anyway"
             )
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
+        for p, value in zip(grads, values):
+            g = sharded.local(p.grad)
             (g._values() if g.is_sparse else g).mul_(coef.to(g.device))
+            accumulator = self._accumulators.get(p)
+            if accumulator is not None and value.dtype == torch.float32 and not g.is_sparse:
+                accumulator.set_(p, value * coef.to(value.device))  # the fp32 sum, clipped
         return total
+
+    def _gradient(
+        self, group: dict[str, Any], p: Tensor, sel: Selection, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """``p``'s gradient at its selected entries; float32 from the fp32 accumulator for a
+        16-bit parameter with one (:mod:`.grad_accumulation`), else in ``dtype``."""
+        if sharded.is_sharded(p):
+            return sharded.local_gradient(p, sel.index, dtype)
+        accumulator = self._accumulators.get(p)
+        if accumulator is not None and not p.grad.is_sparse and uses_master(group, p):
+            return accumulator.read(selected_gradient(p, sel.index))
+        return selected_gradient(p, sel.index, dtype=dtype)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; the fp32 gradient sums restart too."""
+        super().zero_grad(set_to_none)
+        if not set_to_none:
+            for accumulator in self._accumulators.values():
+                accumulator.reset()
 
     def step_in_backward(self) -> StepInBackward:
         """Update each parameter inside ``backward()``, as soon as its gradient is complete.
@@ -215,6 +266,7 @@ class CompactStateOptimizer(Optimizer):
         first). Optimizer step hooks do not run for these updates. Returns a handle whose
         ``remove()`` ends the mode.
         """
+        sharded.refuse_step_in_backward(self)
         handles = []
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -253,7 +305,7 @@ class CompactStateOptimizer(Optimizer):
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         for index, group in enumerate(self.param_groups):
-            flat = self._flat_group(index, group) if group["impl"] == "flat" else None
+            flat = self._flat_group(index, group) if group["impl"] in FLAT_IMPLS else None
             if flat is not None and flat.ready(self.state):
                 self._step_flat(group, flat, grad_scale)
             else:
@@ -272,12 +324,14 @@ class CompactStateOptimizer(Optimizer):
             if p.grad is None or sel.kind == "none":
                 continue
             state = self.state[p]
+            p_local = sharded.local(p)  # FSDP2: this rank's shard, which the selection indexes
             if "step" not in state:
-                self._init_state(group, state, sel.count, p)
-            master = fit_state(group, state, p, sel)
-            value = resync_(state["master"], sel.gather(p)) if master else sel.gather(p)
-            params.append((p, sel, master))
-            grads.append(_unscaled(selected_gradient(p, sel.index, dtype=value.dtype), value.dtype,
+                self._init_state(group, state, sel.count, p_local)
+            master = fit_state(group, state, p_local, sel)
+            value = sel.gather(p_local)
+            value = resync_(state["master"], value) if master else value
+            params.append((p_local, sel, master))
+            grads.append(_unscaled(self._gradient(group, p, sel, value.dtype), value.dtype,
                                    grad_scale))
             values.append(value)
             states.append(state)
@@ -302,8 +356,9 @@ class CompactStateOptimizer(Optimizer):
             if flat.valid():
                 return flat
             del self._flats[index]  # a parameter was cast, moved or re-laid out: rebuild
+            flat.close()
         params = [p for p in group["params"] if self._selections[p].kind != "none"]
-        if not params or any(
+        if not params or any(sharded.is_sharded(p) for p in params) or any(
             p.device != params[0].device or p.dtype != params[0].dtype or not p.is_contiguous()
             for p in params
         ):
@@ -317,7 +372,10 @@ class CompactStateOptimizer(Optimizer):
                 self._init_state(group, state, sel.count, p)
             masters.append(fit_state(group, state, p, sel))
         keys = self._flat_keys(group) + (["master"] if masters[0] else [])
-        flat = FlatGroup(params, [self._selections[p] for p in params], keys, self.state)
+        if any(self.state[p].get(key) is None for p in params for key in keys):
+            return None  # state created by the first update (SGD's momentum buffer)
+        flat = FlatGroup(params, [self._selections[p] for p in params], keys, self.state,
+                         pack=group["impl"] == "packed")
         self._flats[index] = flat
         return flat
 
@@ -329,7 +387,14 @@ class CompactStateOptimizer(Optimizer):
         values = flat.gather_values()
         if master is not None:
             values = resync_(master, values)
-        grad = _unscaled(flat.gather_gradients(values.dtype), values.dtype, grad_scale)
+        accumulators = [self._accumulators.get(p) for p in flat.params]
+        if master is not None and all(accumulators) and flat.dense_gradients():
+            current = flat.gather_gradients()  # the fp32 sums where .grad is their rounding
+            total = torch.cat([a.total for a in accumulators])
+            grad = torch.where(current == total.to(current.dtype), total, current.float())
+        else:
+            grad = flat.gather_gradients(values.dtype)
+        grad = _unscaled(grad, values.dtype, grad_scale)
         if group["maximize"]:
             grad.neg_()
         step = self.state[flat.params[0]]["step"] + 1
@@ -378,46 +443,8 @@ def _unscaled(grad: Tensor, dtype: torch.dtype, grad_scale: Tensor | None) -> Te
     return grad / grad_scale.to(device=grad.device, dtype=dtype)
 
 
-class StepInBackward:
-    """Handle of :meth:`CompactStateOptimizer.step_in_backward`; ``remove()`` ends the mode."""
-
-    def __init__(self, handles: list[Any]) -> None:
-        self._handles = handles
-
-    def __enter__(self) -> StepInBackward:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
 def _forget_flat_state(optimizer: CompactStateOptimizer) -> None:
     # load_state_dict replaced the state tensors: flat buffers are rebuilt from them lazily.
+    for flat in optimizer._flats.values():
+        flat.close()
     optimizer._flats = {}
-
-
-def _add_fingerprint(optimizer: CompactStateOptimizer, state_dict: dict[str, Any]) -> None:
-    state_dict[STATE_KEY] = mask_fingerprint(optimizer.mask)
-
-
-def _pop_and_check_fingerprint(
-    optimizer: CompactStateOptimizer, state_dict: dict[str, Any]
-) -> None:
-    check_fingerprint(state_dict.pop(STATE_KEY, None), optimizer.mask, type(optimizer).__name__)
-
-
-def _impl_from_foreach(optimizer: CompactStateOptimizer, state_dict: dict[str, Any]) -> None:
-    # States saved before ``impl`` existed name the step by ``foreach`` in each group.
-    groups = []
-    for group in state_dict["param_groups"]:
-        if "foreach" in group:
-            group = dict(group)
-            foreach = group.pop("foreach")
-            group["impl"] = optimizer._resolved_impl(group.get("impl"), foreach)
-        groups.append(group)
-    state_dict["param_groups"] = groups

@@ -1,4 +1,41 @@
-"""The flat fast path of the compact optimizers: one buffer per state key for a param group."""
+"""The flat fast path of the compact optimizers: one update per param group.
+
+``impl="flat"`` (the default of SparseAdamW): the state of a group's selected entries (moments,
+masters, ...) lives in one flat buffer per key, so the update's arithmetic runs once per group;
+the selected values and gradients are gathered (and the values scattered back) parameter by
+parameter, so a step still costs O(number of tensors) small launches for those.
+
+``impl="packed"`` (opt-in) goes further: O(1) launches per step. A param group's parameters
+with selected entries (one device, one dtype, contiguous) are laid
+end to end in one flat buffer (``FlatGroup.weights``: each parameter's ``.data`` becomes a view
+of its slice, as FSDP's flat parameter does), and their dense gradients in another
+(``FlatGroup.grads``: a hook makes each ``.grad`` a view of its slice). One index over the
+concatenation (``FlatGroup.index``, the selected entries of every parameter, offset) then
+reads the values and the gradients with one ``index_select`` each and writes the values back
+with one ``index_put_``: the number of kernel launches of a step does not grow with the number
+of tensors. The state (moments, masters, ...) lives in one flat buffer per key too.
+
+Nothing about the parameters' values is cached: they are read at every step, so any write
+between steps is seen. In-place writes (``p.data.add_``, ``load_state_dict``, ``no_grad``
+copies) land in the flat buffer itself; a parameter whose ``.data`` was replaced by another
+tensor of the same shape, dtype and device is packed again (its new values copied into its
+slice); one whose dtype, device or layout changed makes the group invalid, and the optimizer
+rebuilds it (or runs the per-parameter step for a group that cannot be packed).
+
+Gradients: when autograd puts a fresh gradient into ``.grad`` (the first backward after
+``zero_grad()``), a post-accumulate-grad hook copies it into the flat gradient buffer and makes
+``.grad`` a view of it; later backward passes accumulate into the view in place. Cost: one copy
+of each dense gradient per optimizer step, and the flat gradient buffer stays allocated between
+steps (created at the first dense gradient: never in sparse-gradient mode). Where a gradient
+is not the view (sparse gradients of :func:`sparsetune.prepare`, ``create_graph=True``), the
+selected entries are gathered parameter by parameter.
+
+Costs of "packed": the flat index, 4 bytes per selected entry (8 beyond 2**31 entries in the
+group); the packing copies the group's parameters once at the first step (a transient second
+copy of them), the parameters then share one storage, and the flat gradient buffer (the size
+of those parameters) stays allocated between steps, which raises the memory outside backward.
+That is why it is not the default.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +48,16 @@ from torch import Tensor
 from ..sparse_grad import selected_gradient
 from .selection import Selection
 
+_INT32_LIMIT = 2**31 - 1
+
 
 class FlatGroup:
     """One param group's selected entries laid end to end: state, values and gradients.
 
     ``state[p][key]`` for every key in ``keys`` becomes a view into one flat buffer, so the
     optimizer's arithmetic runs once per group instead of once per parameter, and per-parameter
-    views keep ``state_dict()`` unchanged. Nothing about the parameters' values is cached: the
-    selected values are read from the parameters at every step (one O(k) gather per parameter),
-    so any write between steps (``p.data`` edits, ``load_state_dict``, ``p.data = ...``) is
-    seen. A group whose parameters change dtype, device or layout is no longer :meth:`valid`
-    and is rebuilt by the optimizer.
+    views keep ``state_dict()`` unchanged. See the module docstring for the parameters and
+    gradients. :meth:`close` removes the hooks (the parameters stay packed).
     """
 
     def __init__(
@@ -30,8 +66,10 @@ class FlatGroup:
         selections: list[Selection],
         keys: list[str],
         state: Mapping[Tensor, dict[str, Any]],
+        pack: bool = False,
     ) -> None:
         self.params = params
+        self.pack = pack
         self.selections = selections
         self.slices = []
         start = 0
@@ -46,7 +84,39 @@ class FlatGroup:
                 state[p][key] = buffer[part]
             self.buffers[key] = buffer
         self._layout = self._layout_now()
+        self.grads: Tensor | None = None  # allocated at the first dense gradient (packed)
+        self._grad_ptrs: list[int] = []
+        self._handles: list[Any] = []
+        if pack:
+            self._pack(params, selections)
 
+    def _pack(self, params: list[Tensor], selections: list[Selection]) -> None:
+        """Lay the parameters end to end in :attr:`weights` and hook their gradients."""
+        like = params[0]
+        self.spans, parts, offset = [], [], 0
+        for p, sel in zip(params, selections):
+            self.spans.append(slice(offset, offset + p.numel()))
+            local = (
+                torch.arange(p.numel(), device=like.device)
+                if sel.index is None
+                else sel.index.to(torch.int64)
+            )
+            parts.append(local + offset)
+            offset += p.numel()
+        self.total = offset
+        dtype = torch.int32 if offset <= _INT32_LIMIT else torch.int64
+        self.index = torch.cat(parts).to(dtype)
+        self.weights = torch.cat([p.detach().reshape(-1) for p in params])
+        self._weight_views = [self.weights[s].view(p.shape) for p, s in zip(params, self.spans)]
+        for p, view in zip(params, self._weight_views):
+            p.data = view
+        self._weight_ptrs = [v.data_ptr() for v in self._weight_views]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._lend_gradient) for p in params
+        ]
+        self._slot = {id(p): i for i, p in enumerate(params)}
+
+    # -- layout ---------------------------------------------------------------------------
     def _layout_now(self) -> list[tuple[torch.dtype, torch.device, bool]]:
         return [(p.dtype, p.device, p.is_contiguous()) for p in self.params]
 
@@ -59,15 +129,75 @@ class FlatGroup:
         first = state[self.params[0]].get("step")
         return all(p.grad is not None and state[p].get("step") == first for p in self.params)
 
+    def dense_gradients(self) -> bool:
+        """True when every parameter's gradient is dense."""
+        return all(p.grad is not None and not p.grad.is_sparse for p in self.params)
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the group is no longer used)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _packed(self) -> bool:
+        """Pack again every parameter whose ``.data`` was replaced (same shape, dtype, device,
+        contiguous, as :meth:`valid` ensures); True when all are views of :attr:`weights`."""
+        if not self.pack:
+            return False
+        for i, (p, view) in enumerate(zip(self.params, self._weight_views)):
+            if p.data_ptr() == self._weight_ptrs[i] and p.shape == view.shape:
+                continue
+            if p.shape != view.shape:
+                return False
+            view.copy_(p.detach())
+            p.data = view
+        return True
+
+    def _lend_gradient(self, p: Tensor) -> None:
+        """Post-accumulate-grad hook: make a fresh dense ``p.grad`` a view of :attr:`grads`."""
+        grad = p.grad
+        i = self._slot.get(id(p))
+        if (
+            i is None
+            or grad is None
+            or grad.is_sparse
+            or grad.requires_grad
+            or grad.dtype != self.weights.dtype
+            or grad.device != self.weights.device
+            or grad.shape != self._weight_views[i].shape
+        ):
+            return
+        if self.grads is None:
+            self.grads = torch.zeros_like(self.weights)
+            self._grad_ptrs = [self.grads[s].data_ptr() for s in self.spans]
+        if grad.data_ptr() == self._grad_ptrs[i] and grad.is_contiguous():
+            return
+        # a new view each time: ``model.to()`` swaps the ``.data`` of the ``.grad`` object
+        view = self.grads[self.spans[i]].view(grad.shape)
+        view.copy_(grad)
+        p.grad = view
+
     def _empty(self, dtype: torch.dtype | None = None) -> Tensor:
         like = self.params[0]
         return torch.empty(self.numel, dtype=dtype or like.dtype, device=like.device)
 
+    # -- the step's reads and writes ------------------------------------------------------
     def gather_gradients(self, dtype: torch.dtype | None = None) -> Tensor:
         """The selected gradient entries in ``dtype`` (None: the parameters'), a new buffer.
 
-        float32 for 16-bit parameters in sparse-gradient mode gives the values accumulated in
-        float32 (see :func:`sparsetune.sparse_grad.selected_gradient`)."""
+        One ``index_select`` where every ``.grad`` is its view of :attr:`grads`; otherwise one
+        per parameter (float32 for 16-bit parameters in sparse-gradient mode gives the values
+        accumulated in float32, see :func:`sparsetune.sparse_grad.selected_gradient`)."""
+        if self.grads is not None and all(
+            p.grad is not None
+            and not p.grad.is_sparse
+            and p.grad.data_ptr() == ptr
+            and p.grad.dtype == self.grads.dtype
+            and p.grad.is_contiguous()
+            for p, ptr in zip(self.params, self._grad_ptrs)
+        ):
+            grad = self.grads.index_select(0, self.index)
+            return grad if dtype is None else grad.to(dtype)
         grad = self._empty(dtype)
         for p, sel, part in zip(self.params, self.selections, self.slices):
             selected_gradient(p, sel.index, out=grad[part])
@@ -75,6 +205,8 @@ class FlatGroup:
 
     def gather_values(self) -> Tensor:
         """The parameters' current selected values, in their dtype (a new buffer)."""
+        if self._packed():
+            return self.weights.index_select(0, self.index)
         values = self._empty()
         for p, sel, part in zip(self.params, self.selections, self.slices):
             if sel.index is None:
@@ -85,5 +217,8 @@ class FlatGroup:
 
     def scatter_values(self, values: Tensor) -> None:
         """Write ``values`` (in the parameters' dtype) into the selected entries."""
+        if self._packed():
+            self.weights.index_put_((self.index,), values)
+            return
         for p, sel, part in zip(self.params, self.selections, self.slices):
             sel.scatter_(p, values[part])

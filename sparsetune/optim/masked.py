@@ -80,12 +80,11 @@ class MaskedOptimizer(OptimizerWrapper):
 
     def _register(self, groups: list[dict[str, Any]]) -> None:
         for name, p in self._checked(groups):
-            selected = (
-                self.mask[name]
+            self._selections[p] = (
+                Selection.from_mask(self.mask, name, p.device)
                 if name in self.mask
-                else torch.zeros(p.shape, dtype=torch.bool)  # not trainable: never moves
+                else Selection(torch.zeros(p.shape, dtype=torch.bool), p.device)  # never moves
             )
-            self._selections[p] = Selection(selected, p.device)
 
     def _checked(self, groups: list[dict[str, Any]]) -> list[tuple[str, Tensor]]:
         """The groups' parameters with their names; raise unless the mask covers them all."""

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._checks import unwrap_compiled
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
+from .sharded import check_sharding
 
 #: Key under which optimizers store the mask fingerprint in ``state_dict()``.
 STATE_KEY = "sparsetune"
@@ -39,6 +40,24 @@ class Selection:
             dtype = torch.int32 if self.numel <= _INT32_LIMIT else torch.int64
             flat = torch.nonzero(selected.reshape(-1)).squeeze(1)
             self.index = flat.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_mask(cls, mask: Mask, name: str, device: torch.device) -> Selection:
+        """The selection of parameter ``name`` of ``mask``, read from its compact form (no bool
+        tensor is built); equal to ``Selection(mask[name], device)``."""
+        selection = cls.__new__(cls)
+        selection.numel = mask.shape(name).numel()
+        count = mask.count(name)
+        selection.index = None
+        if count == selection.numel:
+            selection.kind = "all"
+        elif count == 0:
+            selection.kind = "none"
+        else:
+            selection.kind = "some"
+            dtype = torch.int32 if selection.numel <= _INT32_LIMIT else torch.int64
+            selection.index = mask.indices(name).to(device=device, dtype=dtype)
+        return selection
 
     @property
     def count(self) -> int:
@@ -107,8 +126,9 @@ def named_parameter_groups(model_or_named_params: Any) -> list[dict[str, Any]]:
 def reject_sharded_parameters(named: Iterable[tuple[str, Tensor]], who: str = "sparsetune") -> None:
     """Raise if any parameter is a DTensor (FSDP2 ``fully_shard``, tensor parallelism).
 
-    Masks and the sparse optimizers index entries of full parameters; a DTensor holds one
-    shard per rank, so they cannot be applied to it.
+    A mask indexes entries of full parameters and a DTensor holds one shard per rank, so a
+    wrapped dense optimizer (:class:`MaskedOptimizer`) cannot apply it. The compact optimizers
+    (SparseAdamW, SparseSGD) accept FSDP2's shards instead (:mod:`.sharded`).
     """
     try:
         from torch.distributed.tensor import DTensor
@@ -120,17 +140,21 @@ def reject_sharded_parameters(named: Iterable[tuple[str, Tensor]], who: str = "s
             f"{who} does not support sharded parameters (FSDP2 fully_shard, tensor "
             f"parallelism): {len(sharded)} parameters are DTensors, e.g. {sharded[:3]}. A mask "
             f"selects entries of full parameters, but each rank holds only a shard. Use "
-            f"DistributedDataParallel instead (its ranks hold full parameters, and a sparse "
-            f"optimizer's state is already small)"
+            f"SparseAdamW or SparseSGD (they keep each rank's share of the state under FSDP2), "
+            f"or DistributedDataParallel (its ranks hold full parameters)"
         )
 
 
 def check_coverage(
-    named: Iterable[tuple[str, Tensor]], mask: Mask, where: str
+    named: Iterable[tuple[str, Tensor]], mask: Mask, where: str, sharded: bool = False
 ) -> None:
-    """Raise if a parameter is sharded, missing from ``mask`` or has another shape there."""
+    """Raise if a parameter is missing from ``mask`` or has another shape there, or is sharded
+    (with ``sharded=True``: sharded other than as FSDP2 does, :mod:`.sharded`)."""
     named = list(named)
-    reject_sharded_parameters(named, where)
+    if sharded:
+        check_sharding(named, where)
+    else:
+        reject_sharded_parameters(named, where)
     missing, misshaped = [], []
     for name, p in named:
         if name not in mask:

@@ -43,17 +43,24 @@ class SparseAdamW(CompactStateOptimizer):
         lr, betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``.
         decay_to: ``"zero"`` or ``"init"`` (see above).
         impl: how the step runs: ``"flat"`` (one buffer per state key for a whole param
-            group: O(1) launches in the number of tensors), ``"foreach"`` (torch's multi-tensor
-            ops per parameter) or ``"forloop"`` (one parameter at a time, the reference); None
-            (default): ``"flat"``. All three give the same results.
+            group, one update), ``"packed"`` (opt-in: also the parameters and gradients in one
+            buffer each, O(1) launches in the number of tensors; see
+            :mod:`sparsetune.optim.flat` for its memory costs), ``"foreach"`` (torch's
+            multi-tensor ops per parameter) or ``"forloop"`` (one parameter at a time, the
+            reference); None (default): ``"flat"``. All give the same results.
         foreach: ``False`` means ``impl="forloop"``; ``True`` the automatic choice.
         master_weights: None or True (default): fp32 masters and state for bf16/fp16
             parameters (fp32/fp64 ones are their own masters: True is a no-op for them);
             False: update low-precision parameters in their own dtype, with state in it too
             (updates below half an ulp are lost).
+        fp32_grad_accumulation: None or True (default): for bf16/fp16 parameters with
+            masters, dense gradients of several backward passes are also summed in fp32 at the
+            selected entries (4 bytes per selected entry; see
+            :mod:`sparsetune.optim.grad_accumulation`);
+            False: the step reads ``.grad`` as autograd summed it, in the parameter's dtype.
     """
 
-    impls = ("flat", "foreach", "forloop")
+    impls = ("flat", "packed", "foreach", "forloop")
 
     def __init__(
         self,
@@ -70,6 +77,7 @@ class SparseAdamW(CompactStateOptimizer):
         impl: str | None = None,
         foreach: bool | None = None,
         master_weights: bool | None = None,
+        fp32_grad_accumulation: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("epsilon value", eps)
@@ -90,6 +98,7 @@ class SparseAdamW(CompactStateOptimizer):
             impl=impl,
             foreach=foreach,
             master_weights=master_weights,
+            fp32_grad_accumulation=fp32_grad_accumulation,
         )
         super().__init__(model_or_named_params, mask, defaults)
 

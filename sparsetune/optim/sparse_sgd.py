@@ -36,15 +36,24 @@ class SparseSGD(CompactStateOptimizer):
         mask: the selected entries; must cover every trainable parameter given.
         lr, momentum, dampening, weight_decay, nesterov, maximize: as in ``torch.optim.SGD``.
         decay_to: ``"zero"`` or ``"init"``.
-        impl: how the step runs: ``"foreach"`` (torch's multi-tensor ops; the default for
-            None) or ``"forloop"`` (one parameter at a time, the reference); both give the same
-            results. SGD has no ``"flat"`` implementation.
+        impl: how the step runs: ``"foreach"`` (torch's multi-tensor ops per parameter; the
+            default for None), ``"flat"`` (one buffer per state key for a whole param group,
+            one update), ``"packed"`` (opt-in: also the parameters and gradients in one buffer
+            each, O(1) launches in the number of tensors; memory costs in
+            :mod:`sparsetune.optim.flat`) or ``"forloop"`` (one parameter at a time, the
+            reference); all give the same results. ``"flat"`` and ``"packed"`` run from the
+            second step (the momentum buffers are created by the first).
         foreach: ``False`` means ``impl="forloop"``; ``True`` the automatic choice.
         master_weights: None or True (default): fp32 masters and state for bf16/fp16
             parameters (a no-op for fp32/fp64 ones); False: update them in their own dtype.
+        fp32_grad_accumulation: None or True (default): for bf16/fp16 parameters with
+            masters, dense gradients of several backward passes are also summed in fp32 at the
+            selected entries (4 bytes per selected entry; see
+            :mod:`sparsetune.optim.grad_accumulation`);
+            False: the step reads ``.grad`` as autograd summed it, in the parameter's dtype.
     """
 
-    impls = ("foreach", "forloop")
+    impls = ("foreach", "flat", "packed", "forloop")
 
     def __init__(
         self,
@@ -61,6 +70,7 @@ class SparseSGD(CompactStateOptimizer):
         impl: str | None = None,
         foreach: bool | None = None,
         master_weights: bool | None = None,
+        fp32_grad_accumulation: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("momentum value", momentum)
@@ -81,8 +91,15 @@ class SparseSGD(CompactStateOptimizer):
             impl=impl,
             foreach=foreach,
             master_weights=master_weights,
+            fp32_grad_accumulation=fp32_grad_accumulation,
         )
         super().__init__(model_or_named_params, mask, defaults)
+
+    def _flat_keys(self, group: dict[str, Any]) -> list[str]:
+        keys = ["momentum_buffer"] if group["momentum"] != 0 else []
+        if group["decay_to"] == "init":
+            keys.append("theta0")
+        return keys
 
     def _init_state(
         self, group: dict[str, Any], state: dict[str, Any], count: int, param: Tensor

@@ -49,7 +49,8 @@ def select_for_task(
             gradient methods, ``steps`` of fine-tuning ones; None: the method's default).
         batch_size, max_length: tokenized batches (shuffled with ``seed``).
         always_train: names trained in full, outside the budget (None: the classifier head).
-        targets: regexes of the parameters allowed to receive entries (see :func:`select`).
+        targets: the parameters allowed to receive entries: peft-style module names
+            (``["query", "value"]``), ``"all-linear"``, or regexes (see :func:`select`).
         options: further method options (see :func:`select`).
 
     Returns:

@@ -7,7 +7,6 @@ and how it builds the mask.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -19,6 +18,7 @@ from .._topk import SCOPES, check_budget
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from ._data import trainable
+from ._targets import target_names
 from .methods import BUILTIN, MethodConfig, MethodInfo, builder_config
 
 __all__ = [
@@ -108,12 +108,17 @@ def select(
             Rule methods such as ``bitfit`` and ``names`` give their own density: passing one
             to them is an error rather than silently ignored.
         data, loss_fn: batches and ``loss_fn(model, batch) -> scalar`` for data-driven methods;
-            ``loss_fn`` defaults to ``model(**batch).loss``.
+            ``loss_fn`` defaults to ``model(**batch).loss``; for a causal LM (``*ForCausalLM``,
+            ``GPT2LMHeadModel``) batches of ``input_ids`` (and ``attention_mask``) need no
+            labels: next-token prediction on the unpadded tokens (``transformers_loss``).
         scope: ``"global"`` (the paper's theorem) or ``"per_tensor"`` (the authors' code).
         seed: seed of random choices (random masks, dropout in burn-in steps).
         always_train: parameter names trained in full and left out of the budget.
-        targets: regular expression(s) over parameter names (``re.search``), like peft's
-            ``target_modules``: only matching parameters receive entries, e.g.
+        targets: the parameters allowed to receive entries, in peft's ``target_modules``
+            vocabulary or as regexes (:func:`target_names`): ``"all-linear"`` (the weight of
+            every Linear/Conv1D but the output head), plain identifiers as module-name
+            suffixes (``["q_proj", "v_proj"]``: those modules' weights, as LoRA adapts), any
+            other string as a regex over parameter names (``re.search``), e.g.
             ``r"attention\.self\.(query|value)\.weight$"``. The budget is still p of the whole
             model (``mask.density == p``). Methods that score entries only (not rules).
         options: method options, the fields of the method's config class
@@ -157,7 +162,7 @@ class CheckedSelection(NamedTuple):
     model: nn.Module  # the plain model (a torch.compile wrapper removed)
     config: MethodConfig
     always: list[str]
-    targets: list[str] | None  # the names the target patterns match
+    targets: list[str] | None  # the parameter names targets covers
 
 
 def check_select(
@@ -214,33 +219,3 @@ def check_select(
     if spec.takes_targets:  # top-k of scores over every trainable parameter
         check_budget(sizes, density, scope, always_train=always, targets=chosen)
     return CheckedSelection(model, config, always, chosen)
-
-
-def target_names(
-    model: nn.Module, patterns: str | Iterable[str], *, exclude: Iterable[str] = ()
-) -> list[str]:
-    """Names of ``model``'s trainable parameters matching any regex in ``patterns``
-    (``re.search``), minus ``exclude``; a pattern that is invalid or matches nothing raises."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    if not patterns:
-        raise InvalidArgumentError("targets needs at least one pattern")
-    names = [n for n, _ in trainable(unwrap_compiled(model))]
-    skip = set(exclude)
-    found: list[str] = []
-    for pattern in patterns:
-        try:
-            compiled = re.compile(pattern)
-        except (re.error, TypeError) as err:
-            raise InvalidArgumentError(f"targets: invalid pattern {pattern!r}: {err}") from None
-        hits = [n for n in names if compiled.search(n)]
-        if not hits:
-            raise ParameterMismatchError(
-                f"targets: pattern {pattern!r} matches no trainable parameter; names look "
-                f"like {names[:4]}"
-            )
-        found.extend(n for n in hits if n not in skip and n not in found)
-    if not found:
-        raise InvalidArgumentError(
-            f"targets {patterns} match only always_train parameters: nothing left to choose"
-        )
-    return [n for n in names if n in found]

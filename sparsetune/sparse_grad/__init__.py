@@ -2,9 +2,11 @@
 
 A masked optimizer alone still pays for every dense weight gradient (for a Linear, half of the
 backward's matrix products; for a word embedding, a vocabulary-sized buffer) only to discard
-all but a fraction p of it. :func:`prepare` reroutes the forward of every ``nn.Linear`` and
-``nn.Embedding`` whose weight is partly selected through an autograd function whose backward
-returns the gradient at the selected entries only (theory/ E1: only M dtheta is trained):
+all but a fraction p of it. :func:`prepare` reroutes the forward of every ``nn.Linear``,
+``nn.Embedding`` and transformers ``Conv1D`` (GPT-2; W: (in, out), y = x W + b, so its weight
+gradient is the Linear's product with x and g swapped) whose weight is partly selected
+through an autograd function whose backward returns the gradient at the selected entries only
+(theory/ E1: only M dtheta is trained):
 
 * Linear, y = x W^T + b: the input gradient dL/dx = g W is dense (it flows on), the weight
   gradient is (g^T x)[r, c] = sum_n g[n, r] x[n, c] at the k selected pairs (r, c) only, n

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .._checks import unwrap_compiled
+from .._checks import reject_sharded, unwrap_compiled
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
 from .functions import CompactForward, is_covered
@@ -100,9 +100,10 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
     after moving the model to its device and dtype.
 
     ``linear_product`` chooses how Linear weight gradients are computed at the mask: one of
-    :data:`LINEAR_PRODUCTS` (``"auto"``: the cheaper of ``"sampled"`` and ``"blocks"`` per
-    weight by :data:`LINEAR_COSTS`, among those :data:`LINEAR_SUPPORT` can run for the device
-    and dtype; the values agree to rounding). Every dtype works: bfloat16 and float16
+    :data:`LINEAR_PRODUCTS` (``"auto"``: the cheapest of ``"sampled"``, ``"blocks"`` and,
+    on CUDA with Triton installed, the ``"sddmm"`` kernel, per weight by the device type's
+    :data:`LINEAR_COSTS`, among those :data:`LINEAR_SUPPORT` can run for the device and dtype;
+    the values agree to rounding). Every dtype works: bfloat16 and float16
     gradients are computed with float32 accumulation, and a 16-bit weight's k gradient values
     are summed over backward passes in float32 (4 bytes per selected entry; see
     :func:`selected_gradient`).
@@ -119,6 +120,7 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
         >>> handle.remove()
     """
     model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
+    reject_sharded(model, "st.prepare", "train a fully_shard'ed model with dense gradients")
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(mask, Mask):
@@ -183,7 +185,8 @@ def prepare(model: nn.Module, mask: Mask, *, linear_product: str = "auto") -> Sp
             handle.fallback.append(name)
     if uncovered:
         warnings.warn(
-            f"sparse-gradient mode covers nn.Linear and nn.Embedding (without max_norm); these "
+            f"sparse-gradient mode covers nn.Linear, nn.Embedding (without max_norm) and "
+            f"transformers' Conv1D; these "
             f"partly selected weights keep dense gradients (correct, but nothing is saved): "
             f"{uncovered}",
             SparseGradientFallbackWarning,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, ParameterMismatchError
+from ..kernels import kernel_available
 from .accumulate import Fp32Accumulator
 from .products import (
     LINEAR_COSTS,
@@ -16,6 +17,8 @@ from .products import (
     LINEAR_SUPPORT,
     block_values,
     csr_template,
+    kernel_values,
+    linear_costs,
     linear_support,
     release_workspace,
     sampled_values,
@@ -58,24 +61,27 @@ class Plan:
     # -- Linear ---------------------------------------------------------------------------
     @property
     def linear_product(self) -> str:
-        """``"sampled"`` or ``"blocks"``: how :meth:`linear_values` computes for the weight's
-        own device and dtype (see :data:`LINEAR_PRODUCTS`), chosen on first use."""
+        """``"sampled"``, ``"blocks"`` or ``"sddmm"``: how :meth:`linear_values` computes for
+        the weight's own device and dtype (see :data:`LINEAR_PRODUCTS`), chosen on first use."""
         return self.product_for(self.device_type, self.dtype)
 
     def product_for(self, device_type: str, dtype: torch.dtype) -> str:
         """The product for gradients of ``dtype`` on ``device_type`` (under autocast the
         gradient's dtype is not the weight's): the forced one, or the cheaper of those that
-        can run there (:data:`LINEAR_SUPPORT`). Raises where none can."""
+        can run there (:data:`LINEAR_SUPPORT`) by the device type's cost table
+        (:data:`LINEAR_COSTS`). Raises where none can."""
         key = (device_type, dtype)
         product = self._products.get(key)
         if product is not None:
             return product
         forced = self._linear_product != "auto"
-        candidates = [self._linear_product] if forced else ["sampled", "blocks"]
+        candidates = [self._linear_product] if forced else list(_PRICED)
         runs = {c: linear_support(c, device_type, dtype) for c in candidates}
-        runs = {c: how for c, how in runs.items() if how is not None}
+        costs = linear_costs(device_type)
+        runs = {c: how for c, how in runs.items() if how is not None and (forced or (
+            _PRICED[c] in costs and (c != "sddmm" or kernel_available(device_type, dtype))))}
         if not runs:
-            allowed = [p for p in ("sampled", "blocks") if linear_support(p, device_type, dtype)]
+            allowed = [p for p in _PRICED if linear_support(p, device_type, dtype)]
             raise InvalidArgumentError(
                 f"parameter '{self.name}': linear_product={self._linear_product!r} cannot "
                 f"compute a {dtype} weight gradient on {device_type} (see LINEAR_SUPPORT); "
@@ -84,21 +90,29 @@ class Plan:
         if len(runs) == 1:
             product = next(iter(runs))
         else:
-            product = self._cheaper_linear_product(runs["blocks"] == "fp32")
+            prices = self.linear_prices(device_type, runs.get("blocks") == "fp32")
+            product = min(runs, key=lambda c: prices[c])
         self._products[key] = product
         return product
 
-    def _cheaper_linear_product(self, cast_blocks: bool = False) -> str:
+    def linear_prices(self, device_type: str, cast_blocks: bool = False) -> dict[str, float]:
+        """Cost per token, in the table's ns, of each product ``device_type``'s table prices
+        (:data:`LINEAR_COSTS`) for this weight; ``cast_blocks``: the blocks product casts its
+        gathered operands to float32 (the sampled product's cast rides on its copies)."""
         out, inp = self.shape
+        cost = linear_costs(device_type)
         rows, cols = (int(torch.unique(i).numel()) for i in self.indices)
-        kept_rows, kept_cols = _compressed(rows, out, cols), _compressed(cols, inp, rows)
-        cost = LINEAR_COSTS
+        kept_rows = _compressed(rows, out, cols, cost)
+        kept_cols = _compressed(cols, inp, rows, cost)
         blocks = cost["mac"] * kept_rows * kept_cols
         blocks += cost["gather"] * (kept_rows * (kept_rows < out) + kept_cols * (kept_cols < inp))
-        if cast_blocks:  # the gathered operands are cast to float32 (the sampled product's
-            blocks += cost["gather"] * (kept_rows + kept_cols)  # cast rides on its copies)
-        sampled = cost["transpose"] * (out + inp) + cost["sampled_mac"] * self.count
-        return "sampled" if sampled < blocks else "blocks"
+        if cast_blocks:
+            blocks += cost["gather"] * (kept_rows + kept_cols)
+        prices = {"blocks": blocks,
+                  "sampled": cost["transpose"] * (out + inp) + cost["sampled_mac"] * self.count}
+        if "sddmm_mac" in cost:
+            prices["sddmm"] = cost["sddmm_mac"] * self.count
+        return prices
 
     def block_layout(self) -> tuple[Tensor | None, Tensor | None, Tensor]:
         """(rows or None for all, columns or None for all, flat index of each selected entry
@@ -108,8 +122,9 @@ class Plan:
             r, c = self.indices
             rows, r_local = torch.unique(r, return_inverse=True)
             cols, c_local = torch.unique(c, return_inverse=True)
-            keep_rows = _compressed(rows.numel(), out, cols.numel()) < out
-            keep_cols = _compressed(cols.numel(), inp, rows.numel()) < inp
+            cost = linear_costs(self.device_type)
+            keep_rows = _compressed(rows.numel(), out, cols.numel(), cost) < out
+            keep_cols = _compressed(cols.numel(), inp, rows.numel(), cost) < inp
             if not keep_rows:
                 rows, r_local = None, r
             if not keep_cols:
@@ -145,6 +160,8 @@ class Plan:
         how = linear_support(product, device_type, dtype)
         if product == "blocks":
             return block_values(grad_out, inputs, *self.block_layout(), how)
+        if product == "sddmm":
+            return kernel_values(grad_out, inputs, self.indices)
         compute = dtype if how == "native" else torch.float32
         template = self._csr.get(compute)
         if template is None:
@@ -210,8 +227,12 @@ class Plan:
         return None
 
 
-def _compressed(used: int, total: int, other: int) -> int:
+# The constant of each product in a cost table; a table without it never picks the product.
+_PRICED = {"sampled": "sampled_mac", "blocks": "mac", "sddmm": "sddmm_mac"}
+
+
+def _compressed(used: int, total: int, other: int, cost: dict[str, float]) -> int:
     """Rows (or columns) the blocks product keeps: the ``used`` ones when gathering them costs
     less than the multiply-adds it saves against ``other`` columns (rows), else all."""
-    saved = LINEAR_COSTS["mac"] * (total - used) * other
-    return used if LINEAR_COSTS["gather"] * used < saved else total
+    saved = cost["mac"] * (total - used) * other
+    return used if cost["gather"] * used < saved else total

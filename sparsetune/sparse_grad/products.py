@@ -7,7 +7,9 @@ float32 and float64 both products compute in the dtype itself. In bfloat16 and f
 compute in float32: ``torch.sparse.sampled_addmm`` has no kernel for these dtypes (CPU or
 CUDA), and a 16-bit dense product rounds its result (on CUDA, by default, also its partial
 sums) to 16 bits. The operands are cast to float32 chunk by chunk of tokens, so the extra
-memory is bounded (:data:`CHUNK_ELEMENTS`), and the k values come back in float32.
+memory is bounded (:data:`CHUNK_ELEMENTS`), and the k values come back in float32. The
+Triton kernel (``"sddmm"``, :mod:`sparsetune.kernels`) reads the operands in their own dtype
+and sums in float32 registers: no copies at all.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..kernels import sddmm
+
 __all__ = [
     "CHUNK_ELEMENTS", "LINEAR_COSTS", "LINEAR_PRODUCTS", "LINEAR_SUPPORT", "block_values",
-    "csr_template", "linear_support", "release_workspace", "sampled_values",
+    "csr_template", "kernel_values", "linear_costs", "linear_support", "release_workspace",
+    "sampled_values",
 ]
 
 #: How the weight gradient of a Linear is computed at its k selected entries (``prepare``'s
@@ -28,19 +33,39 @@ __all__ = [
 #: (``torch.sparse.sampled_addmm``, which needs both operands copied into a transposed layout);
 #: ``"blocks"`` gathers the R rows and C columns the mask touches and takes one dense R x C
 #: product (BLAS, no transposed copies), then reads the k entries from it (R = out, C = in is
-#: the plain dense product); ``"auto"`` picks the cheaper per weight by :data:`LINEAR_COSTS`
-#: among those :data:`LINEAR_SUPPORT` says can run for the device and dtype at hand.
-LINEAR_PRODUCTS = ("auto", "sampled", "blocks")
+#: the plain dense product); ``"sddmm"`` is the Triton kernel of
+#: :func:`sparsetune.kernels.sddmm` (k dot products read straight from the operands, float32
+#: sums; CUDA with Triton installed; forced where the kernel cannot run, its torch twin runs,
+#: exact but slow); ``"auto"`` picks the cheapest per weight by the cost
+#: table of the device type (:data:`LINEAR_COSTS`) among those :data:`LINEAR_SUPPORT` says can
+#: run for the device and dtype at hand.
+LINEAR_PRODUCTS = ("auto", "sampled", "blocks", "sddmm")
 
-#: Cost per token of the operations above, in ns, from microbenchmarks at MiniLM's shapes on a
-#: 2-core x86 VM with torch's CPU build (672 tokens, 384 x 384 and 1536 x 384 weights, inside
-#: a training step where copies run slower than alone): a multiply-add inside a dense
-#: matrix product, one inside the sampled product, an element of a transposed copy (memory
-#: bound) and an element gathered along a row (also the price of casting one element to
-#: float32). Only their ratios matter: a dense product runs some 10 times faster per
-#: multiply-add than the sampled one and 100 times faster than a transposed copy per element,
-#: so the sampled product wins only on wide layers at low density.
-LINEAR_COSTS = {"mac": 0.0055, "sampled_mac": 0.055, "transpose": 0.8, "gather": 0.4}
+#: Cost per token of the operations above, in ns, one table per device type (only ratios
+#: within a table matter; a device type without a table uses the CPU's): a multiply-add inside
+#: a dense matrix product (``mac``), one inside the sampled product (``sampled_mac``), an
+#: element of a transposed copy (``transpose``, memory bound), an element gathered along a row
+#: (``gather``, also the price of casting one element to float32) and a pair-token of the
+#: Triton kernel (``sddmm_mac``: two gathered loads, one float32 multiply-add). A product whose
+#: constant a table lacks is never chosen automatically on that device type.
+#:
+#: ``"cpu"``: from microbenchmarks at MiniLM's shapes on a 2-core x86 VM with torch's CPU
+#: build (672 tokens, 384 x 384 and 1536 x 384 weights, inside a training step where copies run
+#: slower than alone). A dense product runs some 10 times faster per multiply-add than the
+#: sampled one and 100 times faster than a transposed copy per element, so the sampled product
+#: wins only on wide layers at low density. The kernel runs on CPU only under the Triton
+#: interpreter (tests), so the CPU table has no ``sddmm_mac``.
+#:
+#: ``"cuda"``: GUESSES, not yet measured (benchmarks/gpu.py is the place to measure them): a
+#: tensor-core multiply-add at ~100 T/s sustained (0.00001 ns), gathers, copies and cuSPARSE's
+#: sampled multiply-adds bound by ~2 TB/s of scattered 2-4 byte reads (0.002 ns), the kernel's
+#: pair-token two such reads mostly from L2 (0.004 ns). With these, the dense product wins
+#: above a density of ~0.25% and the kernel below it.
+LINEAR_COSTS: dict[str, dict[str, float]] = {
+    "cpu": {"mac": 0.0055, "sampled_mac": 0.055, "transpose": 0.8, "gather": 0.4},
+    "cuda": {"mac": 0.00001, "sampled_mac": 0.002, "transpose": 0.002, "gather": 0.002,
+             "sddmm_mac": 0.004},
+}
 
 _FLOATS = (torch.float32, torch.float64)
 _HALVES = (torch.bfloat16, torch.float16)
@@ -50,13 +75,29 @@ _HALVES = (torch.bfloat16, torch.float16)
 #: (float32 accumulation, float32 values). A combination missing here cannot run, and
 #: :func:`linear_support` says so; the automatic choice only picks one that can. The blocks
 #: product is a plain dense product, so it also runs on device types not listed (see
-#: :func:`linear_support`); ``sampled_addmm`` exists only for CPU and CUDA.
+#: :func:`linear_support`); ``sampled_addmm`` exists only for CPU and CUDA. ``"sddmm"`` reads
+#: 16-bit operands as they are and sums in float32; the automatic choice takes it only where
+#: :func:`sparsetune.kernels.kernel_available` (CUDA with Triton; CPU under
+#: ``TRITON_INTERPRET=1``, for tests), and float64 always runs the twin.
 LINEAR_SUPPORT: dict[tuple[str, str, torch.dtype], str] = {
-    (product, device_type, dtype): "native" if dtype in _FLOATS else "fp32"
-    for product in ("sampled", "blocks")
-    for device_type in ("cpu", "cuda")
-    for dtype in _FLOATS + _HALVES
+    **{
+        (product, device_type, dtype): "native" if dtype in _FLOATS else "fp32"
+        for product in ("sampled", "blocks")
+        for device_type in ("cpu", "cuda")
+        for dtype in _FLOATS + _HALVES
+    },
+    **{
+        ("sddmm", device_type, dtype): "native" if dtype in _FLOATS else "fp32"
+        for device_type in ("cpu", "cuda")
+        for dtype in _FLOATS + _HALVES
+    },
 }
+
+
+def linear_costs(device_type: str) -> dict[str, float]:
+    """The cost table of ``device_type`` (:data:`LINEAR_COSTS`; the CPU's for unknown types)."""
+    return LINEAR_COSTS.get(device_type, LINEAR_COSTS["cpu"])
+
 
 #: Elements of float32 operand copies one chunk of tokens may hold (64 MiB).
 CHUNK_ELEMENTS = 1 << 24
@@ -87,6 +128,12 @@ def block_values(
         stop = min(n, start + step)
         product.addmm_(g[start:stop].float().t(), x[start:stop].float())
     return product.view(-1).index_select(0, local)
+
+
+def kernel_values(g: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+    """(g^T x) at the (2, k) ``indices`` by the Triton kernel where it can run, else its torch
+    twin (float32 values; float64 for float64 operands); g: (N, out), x: (N, in)."""
+    return sddmm(g, x, indices[0], indices[1])
 
 
 def sampled_values(template: Tensor, g: Tensor, x: Tensor) -> Tensor:

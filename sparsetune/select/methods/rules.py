@@ -5,6 +5,7 @@ Methods: ``random``, ``bitfit``, ``names``, ``magnitude`` (one config class each
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._checks import check_int, check_positive
+from ..._topk import LazyScores, budget_size, check_budget
 from ...errors import InvalidArgumentError
 from ...mask import Mask
 from .._data import trainable
@@ -21,7 +23,7 @@ from .burn_in import finetuned_values
 
 __all__ = [
     "BitfitConfig", "MagnitudeConfig", "NamesConfig", "RandomConfig", "bitfit_mask",
-    "magnitude_scores", "names_mask", "random_scores",
+    "magnitude_scores", "names_mask", "random_mask", "random_scores", "uniform_subset",
 ]
 
 
@@ -31,9 +33,84 @@ def random_scores(model: nn.Module, *, seed: int = 0) -> dict[str, Tensor]:
     return {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in trainable(model)}
 
 
-def magnitude_scores(model: nn.Module) -> dict[str, Tensor]:
-    """|theta|: MagPruning keeps the largest pretrained (or burned-in) weights."""
-    return {n: p.detach().abs() for n, p in trainable(model)}
+def magnitude_scores(model: nn.Module) -> LazyScores:
+    """|theta|: MagPruning keeps the largest pretrained (or burned-in) weights.
+
+    A mapping computed when read (``scores[name]`` is a new tensor): :meth:`Mask.top_k` reads
+    it in slices, so that no copy of the model's weights is made.
+    """
+    return LazyScores(dict(trainable(model)), torch.abs)
+
+
+_SMALL = 1 << 22  # below this many entries a random permutation is the cheapest sampler
+
+
+def uniform_subset(n: int, k: int, gen: torch.Generator) -> Tensor:
+    """k distinct integers of [0, n), sorted (int64), every k-subset equally likely.
+
+    Small n: a random permutation. Otherwise (k <= n / 2) draws with replacement until k are
+    distinct, then keeps a uniform k of the distinct ones: the distinct set of i.i.d. uniform
+    draws is a uniform subset of its size, whatever the stopping rule on that size, so the
+    result is exactly uniform; memory O(k). For k > n / 2 the n - k left out are drawn so.
+    """
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    if n <= _SMALL:
+        return torch.sort(torch.randperm(n, generator=gen)[:k]).values
+    if k > n // 2:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[uniform_subset(n, n - k, gen)] = False
+        return torch.nonzero(keep).squeeze(1)
+    found = torch.zeros(0, dtype=torch.int64)
+    while found.numel() < k:
+        more = torch.randint(n, (k - found.numel() + k // 2 + 64,), generator=gen)
+        found = torch.unique(torch.cat([found, more]))
+    if found.numel() > k:
+        keep = torch.ones(found.numel(), dtype=torch.bool)
+        keep[torch.randperm(found.numel(), generator=gen)[: found.numel() - k]] = False
+        found = found[keep]
+    return found
+
+
+def random_mask(
+    model: nn.Module,
+    density: float,
+    scope: str = "global",
+    *,
+    seed: int = 0,
+    always_train: Iterable[str] = (),
+    targets: Iterable[str] | None = None,
+) -> Mask:
+    """A uniformly random mask, drawn without any score.
+
+    ``"global"``: a uniform k-subset (k = floor(m p)) of the targets' entries taken together,
+    so the counts per tensor follow the multivariate hypergeometric law exactly and the
+    entries inside a tensor are uniform; ``"per_tensor"``: floor(share numel) uniform entries
+    of each target. Seeded by ``seed`` (a CPU ``torch.Generator``: the same mask on every
+    device); memory O(k) beyond the mask's indices.
+    """
+    named = dict(trainable(model))
+    plan = check_budget({n: p.numel() for n, p in named.items()}, density, scope,
+                        always_train=always_train, targets=targets)
+    gen = torch.Generator().manual_seed(seed)
+    chosen: dict[str, Tensor] = {}
+    if scope == "per_tensor":
+        for n in plan.candidates:
+            numel = named[n].numel()
+            chosen[n] = uniform_subset(numel, math.floor(plan.share * numel), gen)
+    else:
+        sizes = [named[n].numel() for n in plan.candidates]
+        pos = uniform_subset(sum(sizes), budget_size(plan.total, plan.density), gen)
+        offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+        edges = torch.searchsorted(pos, torch.tensor(offsets)).tolist()
+        for i, n in enumerate(plan.candidates):
+            chosen[n] = pos[edges[i]:edges[i + 1]] - offsets[i]
+    none = torch.zeros(0, dtype=torch.int64)
+    return Mask.from_indices(  # every name given a tensor: its compact form goes on p's device
+        {n: p.shape for n, p in named.items()},
+        {n: chosen.get(n, none).to(p.device) for n, p in named.items()},
+        always_train=plan.always,
+    )
 
 
 def _name_rules(
@@ -81,10 +158,7 @@ def names_mask(
         for n, _ in named
         if any(r.search(n) for r in inc_rx) and not any(r.search(n) for r in exc_rx)
     }
-    return Mask(
-        {n: torch.full(p.shape, n in chosen, dtype=torch.bool, device=p.device) for n, p in named},
-        always_train=always_train,
-    )
+    return Mask.from_names(dict(named), chosen, always_train=always_train)
 
 
 def bitfit_mask(model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
@@ -94,7 +168,7 @@ def bitfit_mask(model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
 
 @dataclass(frozen=True)
 class RandomConfig(MethodConfig):
-    """``random``: a fixed random mask, top-k of seeded uniform scores (no options)."""
+    """``random``: a fixed random mask, drawn without scores (:func:`random_mask`; no options)."""
 
     name = "random"
     family = "random"
@@ -102,8 +176,8 @@ class RandomConfig(MethodConfig):
     takes_targets = True
 
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
-        return Mask.top_k(random_scores(model, seed=seed), density, scope,
-                          always_train=always_train, targets=targets)
+        return random_mask(model, density, scope, seed=seed, always_train=always_train,
+                           targets=targets)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._checks import check_int, check_positive
-from ..._loss import LossFn, batches, reiterable, restoring, transformers_loss
+from ..._loss import LossFn, batches, is_causal_lm, reiterable, restoring, transformers_loss
 from ...curvature import METHODS as CURVATURE_METHODS
 from ...curvature import OutputLoss, hessian_diagonal
 from ...errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
@@ -362,7 +362,8 @@ class SamCurvatureConfig(SamConfig):
 
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
         if loss_fn is transformers_loss and self.curvature_method in _PER_EXAMPLE:
-            loss_fn = OutputLoss.transformers()  # the same loss, with its per-example structure
+            # the same loss, with its per-example structure
+            loss_fn = OutputLoss.causal_lm() if is_causal_lm(model) else OutputLoss.transformers()
 
         def scores():
             return sam_curvature_scores(

@@ -1,0 +1,141 @@
+"""Attach-mode step vs in-place sparse-gradient step (issue 24's CPU target).
+
+The embedded MiniLM (2-class head) on random token batches (default 16 x 64), one mask for
+both: a seeded random p = 0.5% of every 2-D weight plus the whole head (classifier weight and
+bias). ``attach``: ``st.attach`` + ``torch.optim.AdamW`` (foreach) over the k values, base
+frozen; ``inplace``: ``st.prepare`` (sparse weight gradients) + ``st.SparseAdamW``, writing the
+base. Each runs in its own process, so that peak RSS (VmHWM, reset after the model, mask and
+optimizer are built) is its own. Reports the median step time after warm-up and the peak RSS,
+and the attach / in-place ratios (target: both <= 1).
+
+    python benchmarks/attach.py [--steps 12] [--threads 2]
+
+Results: ``benchmarks/results/attach.json`` (and ``attach-<UTC date>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+import sparsetune as st  # noqa: E402
+from benchmarks._common import environment, loadavg, write_json  # noqa: E402
+from benchmarks.optimizer import (  # noqa: E402
+    _release_free_memory,
+    _reset_peak_rss,
+    _status_bytes,
+)
+
+__all__ = ["main", "run_variant"]
+
+VARIANTS = ("inplace", "attach")
+CHILD_FLAG, RESULT_PREFIX = "--child", "RESULT "
+
+
+def _mask(model: torch.nn.Module, density: float, seed: int) -> st.Mask:
+    g = torch.Generator().manual_seed(seed)
+    bits = {n: (torch.rand(p.shape, generator=g) < density) if p.dim() == 2
+            else torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    return st.Mask.from_dict(bits, always_train=("classifier.weight", "classifier.bias"))
+
+
+def run_variant(variant: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One variant's timed steps in this process; returns its row."""
+    from sparsetune.data import load_pretrained
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(args["seed"])
+    model, _ = load_pretrained(None, num_labels=2, seed=args["seed"])
+    model.train()
+    mask = _mask(model, args["density"], args["seed"])
+    if variant == "attach":
+        handle = st.attach(model, mask, name="task")
+        opt = torch.optim.AdamW(handle.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+    else:
+        st.prepare(model, mask)
+        opt = st.SparseAdamW(model, mask, lr=1e-4, weight_decay=0.0)
+    g = torch.Generator().manual_seed(args["seed"] + 1)
+    vocab = model.config.vocab_size
+    batches = [{"input_ids": torch.randint(0, vocab, (args["batch"], args["length"]), generator=g),
+                "attention_mask": torch.ones(args["batch"], args["length"], dtype=torch.long),
+                "labels": torch.randint(0, 2, (args["batch"],), generator=g)}
+               for _ in range(args["steps"])]
+    _release_free_memory()
+    reset, before = _reset_peak_rss(), _status_bytes("VmRSS")
+    times = []
+    for batch in batches:
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    peak = _status_bytes("VmHWM")
+    return {"variant": variant, "num_selected": mask.num_selected,
+            "step_median_s": statistics.median(times[args["warmup"]:]), "step_times_s": times,
+            "peak_reset": reset, "rss_before_bytes": before, "peak_rss_bytes": peak,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _child(variant: str, args: dict[str, Any]) -> dict[str, Any]:
+    spec = json.dumps({"variant": variant, "args": args})
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, spec],
+                          capture_output=True, text=True, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        return {"variant": variant, "error": proc.stderr.strip()[-2000:]}
+    return json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run both variants (alternating, ``--repeats`` times); write and return the results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--density", type=float, default=0.005)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "benchmarks" / "results")
+    ns = parser.parse_args(argv)
+    args = {k: v for k, v in vars(ns).items() if k != "output_dir"}
+    rows = [_child(v, args) for _ in range(ns.repeats) for v in VARIANTS]
+    best = {v: min((r for r in rows if r["variant"] == v and "error" not in r),
+                   key=lambda r: r["step_median_s"], default=None) for v in VARIANTS}
+    ratios = {}
+    if all(best.values()):
+        ratios = {key: best["attach"][key] / best["inplace"][key]
+                  for key in ("step_median_s", "peak_rss_bytes")}
+    results = {"benchmark": "attach", "args": args, "environment": environment(),
+               "loadavg_end": loadavg(), "rows": rows, "attach_over_inplace": ratios,
+               "targets_met": {k: v <= 1.0 for k, v in ratios.items()}}
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    for name in (f"attach-{day}.json", "attach.json"):
+        write_json(ns.output_dir / name, results)
+    for v, r in best.items():
+        if r:
+            print(f"{v:8s} step {r['step_median_s'] * 1e3:8.1f} ms  peak RSS "
+                  f"{r['peak_rss_bytes'] / 2**20:8.1f} MB  k={r['num_selected']:,}")
+    print("attach / inplace:", {k: round(v, 3) for k, v in ratios.items()})
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == CHILD_FLAG:
+        spec = json.loads(sys.argv[2])
+        print(RESULT_PREFIX + json.dumps(run_variant(spec["variant"], spec["args"])), flush=True)
+    else:
+        main()

@@ -1,0 +1,13 @@
+"""Triton kernels, each beside its pure-torch twin (theory: the same sums, float32 accumulation).
+
+Triton is optional: it is imported lazily, only where a kernel can run (:func:`kernel_available`:
+a CUDA tensor with Triton installed, or a CPU tensor under ``TRITON_INTERPRET=1``, which is how
+the tests run every kernel), and the torch twin runs everywhere else.
+
+* :mod:`.sddmm`: the sampled dense-dense product (g^T x)[r, c] = sum_n g[n, r] x[n, c] at k
+  selected (r, c) pairs, the weight gradient of a Linear at its mask.
+"""
+
+from .sddmm import kernel_available, sddmm, sddmm_torch
+
+__all__ = ["kernel_available", "sddmm", "sddmm_torch"]

@@ -1,0 +1,128 @@
+"""The autograd functions of a sparse delta over a frozen layer: delta(x) for S with k entries.
+
+For a Linear (W0: (out, in)), S holds k values v at (row r_j, column c_j) and the delta of the
+output is (x S^T)[n, r_j] += x[n, c_j] v_j, computed as (S x^T)^T with S in CSR form
+(``torch.sparse.mm``: k N multiply-adds; on CPU some 3x faster than gathering the k input
+columns and ``index_add``-ing them, at MiniLM's shapes). Nothing dense of W's size is built:
+neither W0 + S nor S. The backward gives
+
+* the input gradient through S: g S = (S^T g^T)^T, S^T in CSR form (the gradient through W0
+  comes from the base layer's own autograd);
+* the k values' gradient: dL/dv_j = sum_n g[n, r_j] x[n, c_j], the sampled product of
+  :class:`sparsetune.sparse_grad.Plan` (``linear_values``: blocks, sampled or the Triton SDDMM
+  kernel, whichever is cheapest where it runs; 16-bit operands with float32 accumulation).
+
+transformers' Conv1D stores W as (in, out): the same function with the coordinates swapped.
+For an Embedding the delta of row ``id`` is added to every token with that id, and the
+values' gradient is :meth:`Plan.embedding_values <sparsetune.sparse_grad.Plan>`.
+
+Precision: the delta is computed in the values' dtype (float32; float64 for a float64 base):
+16-bit inputs and gradients are cast to it, so sums accumulate in float32; the result is cast
+to the base output's dtype where it is added (``output + delta``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..sparse_grad import Plan
+
+__all__ = ["CsrLayout", "EmbeddingDelta", "LinearDelta"]
+
+class CsrLayout:
+    """An (a, b) matrix with entries at (rows_j, cols_j) in CSR order: ``matmul(values, d)``
+    computes M @ d for d: (b, N) with ``torch.sparse.mm`` (CSR: no dense M is built)."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, shape: tuple[int, int]) -> None:
+        key = rows * shape[1] + cols
+        self.perm = None if bool((key[1:] >= key[:-1]).all()) else torch.argsort(key)
+        if self.perm is not None:
+            rows, cols = rows[self.perm], cols[self.perm]
+        self.crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
+        self.crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+        self.col, self.shape = cols.contiguous(), shape
+
+    def matmul(self, values: Tensor, dense: Tensor) -> Tensor:
+        """M @ dense, in ``values.dtype``; dense: (b, N) -> (a, N)."""
+        v = values if self.perm is None else values[self.perm]
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": known, fine
+            warnings.simplefilter("ignore", UserWarning)
+            m = torch.sparse_csr_tensor(self.crow, self.col, v, self.shape,
+                                        check_invariants=False)
+        return torch.sparse.mm(m, dense.to(values.dtype))
+
+
+class LinearDelta(torch.autograd.Function):
+    """delta(x) = x S^T for a Linear's S (``transposed=False``; entries (out, in)) or x S for a
+    Conv1D's (``transposed=True``; entries (in, out)); x: (..., in) -> (..., out).
+    ``forward_csr`` lays out the (out, in) matrix, ``backward_csr`` the (in, out) one."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, values: Tensor, plan: Plan, transposed: bool,
+        forward_csr: CsrLayout, backward_csr: CsrLayout,
+    ) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x, values)
+        ctx.plan, ctx.transposed, ctx.backward_csr = plan, transposed, backward_csr
+        out = forward_csr.matmul(values.detach(), x2.t()).t()
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, values = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.backward_csr.matmul(values, g.t()).t()
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            operands = (x2, g) if ctx.transposed else (g, x2)
+            if operands[0].dtype != operands[1].dtype:
+                dtype = torch.promote_types(operands[0].dtype, operands[1].dtype)
+                operands = tuple(t.to(dtype) for t in operands)
+            grad_v = ctx.plan.linear_values(*operands).to(values.dtype)
+        return grad_x, grad_v, None, None, None, None
+
+
+class EmbeddingDelta(torch.autograd.Function):
+    """delta(ids)[n] = S[ids[n]] for an Embedding's S (entries (row = token id, dim));
+    ids: (...) -> (..., dim). ``row_ptr``: (V + 1,) CSR offsets of the plan's rows."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, ids: Tensor, values: Tensor, plan: Plan, row_ptr: Tensor,
+        padding_idx: int | None, scale_grad_by_freq: bool,
+    ) -> Tensor:
+        flat = ids.reshape(-1)
+        dim = plan.shape[1]
+        rows, inverse = torch.unique(flat, return_inverse=True)
+        starts = row_ptr[rows]
+        lengths = row_ptr[rows + 1] - starts
+        local = torch.repeat_interleave(torch.arange(rows.numel(), device=ids.device), lengths)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        pairs = torch.arange(int(lengths.sum()), device=ids.device) + (starts - offsets)[local]
+        block = torch.zeros(rows.numel(), dim, dtype=values.dtype, device=values.device)
+        block[local, plan.indices[1, pairs]] = values.detach()[pairs]
+        ctx.save_for_backward(flat)
+        ctx.plan, ctx.padding_idx, ctx.scale = plan, padding_idx, scale_grad_by_freq
+        ctx.dtype = values.dtype
+        return block[inverse].view(*ids.shape, dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        (flat,) = ctx.saved_tensors
+        grad_v = None
+        if ctx.needs_input_grad[1]:
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_v = ctx.plan.embedding_values(flat, g, ctx.padding_idx, ctx.scale)
+            grad_v = grad_v.to(ctx.dtype)
+        return None, grad_v, None, None, None, None

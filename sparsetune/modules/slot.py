@@ -1,0 +1,170 @@
+"""The deltas of one layer: a child module named ``sparse_deltas`` and a forward hook.
+
+:class:`LayerDelta` holds one named delta of one layer: ``weight_values`` (an nn.Parameter of
+the k selected entries of the weight, zero at start) with ``weight_indices`` ((2, k) int64
+(row, column) pairs, row-major sorted: the order of ``torch.nonzero`` over the mask, which is
+also :class:`~sparsetune.SparseDelta`'s order), and optionally ``bias_values`` /
+``bias_indices`` for a selected bias. :class:`DeltaSlot` holds the named deltas of one layer,
+which of them are active and which are merged, and adds ``delta(x)`` of every active, unmerged
+delta to the layer's output in a forward hook.
+
+Why a child module and a hook: ``model.to(device)`` moves the values and indices with the
+layer (optimizers keep the same Parameter objects), the layer's own forward runs untouched (a
+quantized or otherwise subclassed weight keeps its kernel), and removing the child and the hook
+leaves the layer exactly as it was. The slot hides itself from ``state_dict`` and
+``load_state_dict``: the model's state dict is the base's (same keys, same tensors); deltas are
+saved with :meth:`~sparsetune.modules.DeltaHandle.to_delta`. ``model.to(dtype)`` /
+``model.half()`` keep the values in their own dtype (float32, or float64 over a float64 base).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..sparse_grad import Plan
+from .functions import CsrLayout, EmbeddingDelta, LinearDelta
+
+__all__ = ["SLOT", "DeltaSlot", "LayerDelta", "layer_kind", "values_dtype"]
+
+#: Attribute name of the child module that holds a layer's deltas.
+SLOT = "sparse_deltas"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1d"`` (transformers' Conv1D), ``"embedding"`` or None (not covered)."""
+    if isinstance(module, nn.Embedding):
+        return "embedding" if module.max_norm is None else None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"):
+        return "conv1d"
+    return None
+
+
+def values_dtype(weight: Tensor) -> torch.dtype:
+    """float64 over a float64 base, float32 otherwise (16-bit and quantized bases included)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+class LayerDelta(nn.Module):
+    """One named delta of one layer: the values of the selected weight (and bias) entries."""
+
+    def __init__(
+        self, weight_indices: Tensor, bias_indices: Tensor | None, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        device = weight_indices.device
+        self.register_buffer("weight_indices", weight_indices)
+        self.weight_values = nn.Parameter(
+            torch.zeros(weight_indices.shape[1], dtype=dtype, device=device))
+        self.register_buffer("bias_indices", bias_indices)
+        self.bias_values = None if bias_indices is None else nn.Parameter(
+            torch.zeros(bias_indices.numel(), dtype=dtype, device=device))
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Not part of the model's state dict (see the module docstring)."""
+
+
+class DeltaSlot(nn.Module):
+    """The named deltas of one covered layer (see the module docstring).
+
+    ``active``: the names whose delta the forward adds (several: their sum); ``merged``: the
+    names folded into the base weight, in merge order, each with the base values it replaced.
+    """
+
+    def __init__(self, layer: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.shape = tuple(layer.weight.shape)
+        self.deltas = nn.ModuleDict()
+        self.active: list[str] = []
+        self.merged: list[tuple[str, Tensor, Tensor | None]] = []
+        self._plans: dict[tuple[str, torch.device], tuple[Plan, Any, Any]] = {}
+        self._hook = layer.register_forward_hook(self._add_deltas)
+
+    # -- state dict: hidden ---------------------------------------------------------------
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> Any:
+        """Nothing: the model's state dict stays the base's (module docstring)."""
+        return OrderedDict() if destination is None else destination
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to load: deltas are loaded with ``SparseDelta.attach_to``."""
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DeltaSlot:
+        """Move with the model (``.to(device)``) but keep each tensor's dtype: values stay
+        float32 when the base is cast to 16 bits."""
+
+        def keep_dtype(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out.to(t.dtype) if out.dtype != t.dtype else out
+
+        self._plans.clear()
+        return super()._apply(keep_dtype, recurse)
+
+    # -- deltas ---------------------------------------------------------------------------
+    def add(self, name: str, delta: LayerDelta) -> None:
+        self.deltas[name] = delta
+        self.active.append(name)
+
+    def drop(self, name: str) -> None:
+        del self.deltas[name]
+        self.active = [n for n in self.active if n != name]
+        self._plans = {key: v for key, v in self._plans.items() if key[0] != name}
+
+    def detach_hook(self) -> None:
+        self._hook.remove()
+
+    def is_merged(self, name: str) -> bool:
+        return any(m[0] == name for m in self.merged)
+
+    def plan(self, name: str) -> tuple[Plan, Any, Any]:
+        """The sparse-gradient plan of delta ``name`` on its current device and its CSR
+        layouts: (plan, forward CsrLayout, backward CsrLayout) for a Linear or Conv1D, (plan,
+        CSR row offsets, None) for an Embedding; built on first use."""
+        delta = self.deltas[name]
+        indices = delta.weight_indices
+        key = (name, indices.device)
+        if key not in self._plans:
+            selected = torch.zeros(self.shape, dtype=torch.bool, device=indices.device)
+            selected[indices[0], indices[1]] = True
+            plan = Plan(name, selected, indices.device, dtype=delta.weight_values.dtype)
+            if self.kind == "embedding":
+                ptr = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=indices.device)
+                ptr[1:] = torch.cumsum(torch.bincount(indices[0], minlength=self.shape[0]), 0)
+                self._plans[key] = (plan, ptr, None)
+            else:  # layouts of the (out, in) and (in, out) matrices
+                r, c = indices if self.kind == "linear" else indices.flip(0)
+                out, inp = self.shape if self.kind == "linear" else self.shape[::-1]
+                self._plans[key] = (plan, CsrLayout(r, c, (out, inp)),
+                                    CsrLayout(c, r, (inp, out)))
+        return self._plans[key]
+
+    def delta_output(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
+        """delta(x) of delta ``name``, in the values' dtype: (..., out) (Embedding: (..., dim))."""
+        delta = self.deltas[name]
+        plan, first, second = self.plan(name)
+        if self.kind == "embedding":
+            return EmbeddingDelta.apply(x, delta.weight_values, plan, first, layer.padding_idx,
+                                        layer.scale_grad_by_freq)
+        out_features = self.shape[1] if self.kind == "conv1d" else self.shape[0]
+        y = LinearDelta.apply(x, delta.weight_values, plan, self.kind == "conv1d", first, second)
+        if delta.bias_values is not None:
+            bias = torch.zeros(out_features, dtype=y.dtype, device=y.device)
+            y = y + bias.index_add(0, delta.bias_indices, delta.bias_values)
+        return y
+
+    def _add_deltas(self, layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        names = [n for n in self.active if not self.is_merged(n)]
+        if not names:
+            return output
+        total = None
+        for name in names:
+            y = self.delta_output(layer, args[0], name)
+            total = y if total is None else total + y
+        return output + total.to(output.dtype)
