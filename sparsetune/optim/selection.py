@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,35 +28,31 @@ class Selection:
     __slots__ = ("index", "kind", "numel")
 
     def __init__(self, selected: Tensor, device: torch.device) -> None:
-        self.numel = selected.numel()
         count = int(torch.count_nonzero(selected))  # no int64 copy of the mask
+        self._fill(selected.numel(), count, device,
+                   lambda: torch.nonzero(selected.reshape(-1)).squeeze(1))
+
+    def _fill(self, numel: int, count: int, device: torch.device,
+              indices: Callable[[], Tensor]) -> None:
+        """Set kind, numel and (for "some") the index from ``indices()``, sorted flat."""
+        self.numel = numel
         self.index: Tensor | None = None
-        if count == self.numel:
+        if count == numel:
             self.kind = "all"
         elif count == 0:
             self.kind = "none"
         else:
             self.kind = "some"
-            dtype = torch.int32 if self.numel <= _INT32_LIMIT else torch.int64
-            flat = torch.nonzero(selected.reshape(-1)).squeeze(1)
-            self.index = flat.to(device=device, dtype=dtype)
+            dtype = torch.int32 if numel <= _INT32_LIMIT else torch.int64
+            self.index = indices().to(device=device, dtype=dtype)
 
     @classmethod
     def from_mask(cls, mask: Mask, name: str, device: torch.device) -> Selection:
         """The selection of parameter ``name`` of ``mask``, read from its compact form (no bool
         tensor is built); equal to ``Selection(mask[name], device)``."""
         selection = cls.__new__(cls)
-        selection.numel = mask.shape(name).numel()
-        count = mask.count(name)
-        selection.index = None
-        if count == selection.numel:
-            selection.kind = "all"
-        elif count == 0:
-            selection.kind = "none"
-        else:
-            selection.kind = "some"
-            dtype = torch.int32 if selection.numel <= _INT32_LIMIT else torch.int64
-            selection.index = mask.indices(name).to(device=device, dtype=dtype)
+        selection._fill(mask.shape(name).numel(), mask.count(name), device,
+                        lambda: mask.indices(name))
         return selection
 
     @property
