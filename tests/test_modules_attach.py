@@ -315,8 +315,8 @@ def _quantize(model: nn.Module) -> None:
     quantize_(model, Int8WeightOnlyConfig())
 
 
-@pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not installed")
 def test_torchao_int8_base_trains_and_refuses_merge():
+    assert HAS_TORCHAO, "torchao is a test dependency (the quant extra): run `make install`"
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
     _quantize(model)
@@ -341,8 +341,7 @@ def test_torchao_int8_base_trains_and_refuses_merge():
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_loss_falls_on_rotten_tomatoes_with_minilm(quantized):
-    if quantized and not HAS_TORCHAO:
-        pytest.skip("torchao is not installed")
+    assert HAS_TORCHAO or not quantized, "torchao is a test dependency: run `make install`"
     from sparsetune.data import batches, load_pretrained, load_task
 
     start = time.perf_counter()
