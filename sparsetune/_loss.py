@@ -243,14 +243,18 @@ def reiterable(data: Iterable[Any], limit: int | None, argname: str = "data") ->
 
 
 @contextlib.contextmanager
-def restoring(model: nn.Module, *, values: bool = True) -> Iterator[None]:
+def restoring(
+    model: nn.Module, *, values: bool = True, parameters: bool = True
+) -> Iterator[None]:
     """Put ``model`` back as it was on exit: every module's train/eval mode and every
-    parameter's ``requires_grad``; with ``values`` also, bit for bit, every parameter, every
-    buffer (BatchNorm's running statistics and batch counter, persistent or not) and every
-    ``.grad``. Clones of the parameters and buffers (and of any ``.grad``) are held meanwhile.
+    parameter's ``requires_grad``; with ``values`` also, bit for bit, every buffer (BatchNorm's
+    running statistics and batch counter, persistent or not), every ``.grad`` (set aside: None
+    meanwhile, the same tensors put back) and, with ``parameters`` too, every parameter.
+    Clones of the buffers (and parameters) are held meanwhile; ``parameters=False`` saves the
+    parameters' clone where the work inside cannot change them (a forward and backward).
 
-    The same tensor objects are put back: a parameter, buffer or ``.grad`` that was replaced by
-    a new tensor is swapped back, then overwritten with its saved value, so optimizers and views
+    The same tensor objects are put back: a parameter or buffer that was replaced by a new
+    tensor is swapped back, then overwritten with its saved value, so optimizers and views
     holding the originals still see the model's tensors.
     """
     modes = [(m, m.training) for m in model.modules()]
@@ -259,13 +263,14 @@ def restoring(model: nn.Module, *, values: bool = True) -> Iterator[None]:
     places, clones = [], {}
     if values:
         for m in model.modules():
-            for slot in (m._parameters, m._buffers):
+            for slot in (m._parameters, m._buffers) if parameters else (m._buffers,):
                 for name, t in slot.items():
                     if t is not None:
                         places.append((slot, name, t))
                         clones.setdefault(id(t), (t, t.detach().clone()))
-    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone())
-             for p, _ in flags] if values else []
+    grads = [(p, p.grad) for p, _ in flags] if values else []
+    for p, _ in grads:
+        p.grad = None
     try:
         yield
     finally:
@@ -274,10 +279,8 @@ def restoring(model: nn.Module, *, values: bool = True) -> Iterator[None]:
                 slot[name] = t
             for t, value in clones.values():
                 t.copy_(value)
-            for p, grad, value in grads:
-                if grad is not None:
-                    grad.copy_(value)
-                p.grad = grad
+        for p, grad in grads:
+            p.grad = grad
         for p, flag in flags:
             p.requires_grad_(flag)
         for m, mode in modes:

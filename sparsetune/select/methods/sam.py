@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from ..._checks import check_int, check_positive
 from ..._loss import LossFn, batches, is_causal_lm, reiterable, restoring, transformers_loss
+from ..._topk import LazyScores
 from ...curvature import METHODS as CURVATURE_METHODS
 from ...curvature import OutputLoss, hessian_diagonal
 from ...errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
 from ...mask import Mask
-from .._data import clipped_gradients, trainable
+from .._data import fold_clipped_gradients, trainable
 from .base import MethodConfig, check_flag
 from .burn_in import after_head_warmup
 
@@ -61,15 +62,18 @@ def accumulated_gradient(
     _check_max_grad_norm(max_grad_norm)
     named = trainable(model)
     params = [p for _, p in named]
+    # Totals in the parameters' dtype, as always (the same sums, bit for bit). Each batch's
+    # gradients are folded in tensor by tensor as backward produces them and dropped at once,
+    # so the peak is the totals plus what backward holds (no dense batch gradient, no clone of
+    # the weights: a forward and backward leave them as they are).
     total = [torch.zeros_like(p) for p in params]
     seen = 0
-    with restoring(model):
+    with restoring(model, parameters=False):  # a forward and backward leave the weights
         model.eval()
         for batch in batches(data, "gradients at theta0", progress, limit=num_batches,
                              limit_name="num_batches"):
-            grads = clipped_gradients(model, loss_fn, batch, params, max_grad_norm)
-            for acc, g in zip(total, grads):
-                acc.add_(g.square() if square_each else g)
+            fold_clipped_gradients(model, loss_fn, batch, params, total, max_grad_norm,
+                                   square_each=square_each)
             seen += 1
     if seen == 0:
         raise InvalidArgumentError("data yielded no batch: these scores need at least one batch")
@@ -309,8 +313,11 @@ class SamConfig(GradientSumConfig):
 
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
         def scores():
-            return sam_scores(model, loss_fn, data, num_batches=self.num_batches,
-                              max_grad_norm=self.max_grad_norm, progress=self.progress)
+            # g^2 squared lazily, one slice at a time, as the top-k reads it (the same values as
+            # sam_scores, without a second copy of every tensor)
+            g = accumulated_gradient(model, loss_fn, data, num_batches=self.num_batches,
+                                     max_grad_norm=self.max_grad_norm, progress=self.progress)
+            return LazyScores(g, torch.square)
 
         return self._top_k(model, density, scope, always_train, data, loss_fn, seed, targets,
                            scores)
