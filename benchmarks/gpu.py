@@ -43,6 +43,10 @@ FULL = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632,
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 172,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
          "batch": 2, "seq_len": 32}
+CPU = {"hidden_size": 512, "num_hidden_layers": 4, "intermediate_size": 1376,
+       "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,
+       "batch": 2, "seq_len": 256}
+SHAPES = {"full": FULL, "small": SMALL, "cpu": CPU}
 QV = ["q_proj", "v_proj"]
 OPTIMIZER_DENSITY = 0.005
 
@@ -87,8 +91,13 @@ def lora_count(model: torch.nn.Module, r: int = 16) -> int:
 
 def measure(model, opt, batch: torch.Tensor, device: torch.device, warmup: int, steps: int,
             step_fn: Callable[[], None] | None = None) -> dict[str, Any]:
+    grad_bytes: list[int] = []
+
     def train_step() -> None:
         model(input_ids=batch, labels=batch).loss.backward()
+        if not grad_bytes:  # what the backward left in .grad (compact: the values only)
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_bytes.append(sum((g._values() if g.is_sparse else g).nbytes for g in grads))
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -101,7 +110,8 @@ def measure(model, opt, batch: torch.Tensor, device: torch.device, warmup: int, 
         timer(step)
     times = [timer(step) for _ in range(steps)]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"step_ms": statistics.median(times), "times_ms": times, "peak_gib": peak}
+    return {"step_ms": statistics.median(times), "times_ms": times, "peak_gib": peak,
+            "grad_bytes": grad_bytes[0] if grad_bytes else None}
 
 
 def _torch_adamw(params, device: torch.device, kind: str = "fused"):
@@ -140,14 +150,15 @@ def row_shira(ctx: dict) -> dict[str, Any]:
     return _peft_row(ctx, "ShiraConfig")
 
 
-def _sparsetune_row(ctx: dict, targets: list[str] | None, sparse_grads: bool) -> dict[str, Any]:
+def _sparsetune_row(ctx: dict, targets: list[str] | None, sparse_grads: bool,
+                    freeze_unselected: bool = True) -> dict[str, Any]:
     model = build_model(ctx["shapes"], ctx["device"], ctx["dtype"])
     total = sum(p.numel() for p in model.parameters())
     density = lora_count(model) / total
     begin = time.perf_counter()
     mask = st.select(model, "random", density, targets=targets)
     select_s = time.perf_counter() - begin
-    opt = st.SparseAdamW(model, mask, lr=1e-5)
+    opt = st.SparseAdamW(model, mask, lr=1e-5, freeze_unselected=freeze_unselected)
     handle = st.prepare(model, mask) if sparse_grads else None
     try:
         result = measure(model, opt, ctx["batch"], ctx["device"], *ctx["n"])
@@ -164,6 +175,10 @@ def row_st_global_dense(ctx: dict) -> dict[str, Any]:
 
 def row_st_qv_dense(ctx: dict) -> dict[str, Any]:
     return _sparsetune_row(ctx, QV, sparse_grads=False)
+
+
+def row_st_qv_dense_unfrozen(ctx: dict) -> dict[str, Any]:
+    return _sparsetune_row(ctx, QV, sparse_grads=False, freeze_unselected=False)
 
 
 def row_st_qv_prepare(ctx: dict) -> dict[str, Any]:
@@ -210,6 +225,8 @@ ROWS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "st_global_dense": ("sparsetune SparseAdamW, random mask over all params, dense grads",
                         row_st_global_dense),
     "st_qv_dense": ("sparsetune, q/v mask (targets=), dense grads", row_st_qv_dense),
+    "st_qv_dense_unfrozen": ("the same, freeze_unselected=False (every tensor gets a grad)",
+                             row_st_qv_dense_unfrozen),
     "st_qv_prepare": ("sparsetune, q/v mask + prepare (sparse grads)", row_st_qv_prepare),
     "st_global_prepare": ("sparsetune, global mask + prepare (sparse grads)",
                           row_st_global_prepare),
@@ -236,6 +253,9 @@ def _versions(device: torch.device) -> dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="tiny shapes on the CPU, in seconds")
+    p.add_argument("--shapes", choices=list(SHAPES), default=None,
+                   help="full (TinyLlama-1.1B, default), small (= --small) or cpu (a ~50M "
+                        "model for CPU evidence)")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--steps", type=int, default=8)
@@ -247,9 +267,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
-    shapes = SMALL if args.small else FULL
-    device = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
-    steps, warmup = (2, 1) if args.small else (args.steps, args.warmup)
+    if args.small and args.shapes not in (None, "small"):
+        raise SystemExit(f"--small contradicts --shapes {args.shapes}")
+    name = "small" if args.small else args.shapes or "full"
+    shapes = SHAPES[name]
+    device = torch.device("cuda" if name == "full" and torch.cuda.is_available() else "cpu")
+    steps, warmup = (2, 1) if name == "small" else (args.steps, args.warmup)
     gen = torch.Generator().manual_seed(0)
     batch = torch.randint(0, shapes["vocab_size"], (shapes["batch"], shapes["seq_len"]),
                           generator=gen).to(device)
@@ -277,11 +300,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             trained = "-" if row.get("trained") is None else f"{row['trained']:,}"
             print(f"{key:<20} {trained:>14} {row['step_ms']:>9.2f} {peak:>9}  {description}")
     result = {
-        "benchmark": "gpu", "small": args.small, "dtype": args.dtype,
+        "benchmark": "gpu", "small": name == "small", "shapes_name": name, "dtype": args.dtype,
         "shapes": shapes, "warmup": warmup, "steps": steps,
         "environment": {**environment(), **_versions(device)}, "rows": rows,
     }
-    output = args.output or DEFAULT_OUTPUT_DIR / f"gpu{'-small' if args.small else ''}.json"
+    output = args.output or DEFAULT_OUTPUT_DIR / f"gpu{'' if name == 'full' else '-' + name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_json(output, result)
     print(f"wrote {output}")

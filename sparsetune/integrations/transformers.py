@@ -65,6 +65,7 @@ from ..errors import InvalidArgumentError, StateMismatchError
 from ..files import read_metadata
 from ..mask import Mask
 from ..optim import SparseAdamW
+from ..optim.freezing import apply_freezing
 from ..select import method_info, select
 from ..sparse_grad import SparseGradients, prepare
 from ._deps import require
@@ -202,9 +203,9 @@ class SparseTrainer(Trainer):
         decay_to: ``"zero"`` (AdamW) or ``"init"`` (pull toward theta0, theory/ E2).
         sparse_gradients: compute Linear/Embedding weight gradients at the selected entries
             only (:func:`sparsetune.prepare`), from just after the optimizer is built until
-            ``train()`` returns or raises, when the model is restored. Parameters with no
-            selected entry have ``requires_grad`` off meanwhile. Same updates as the dense path
-            (to rounding); one process only.
+            ``train()`` returns or raises, when the model is restored. Same updates as the
+            dense path (to rounding); one process only. Either way, parameters with no
+            selected entry have ``requires_grad`` off during ``train()`` (restored after).
         *args, **kwargs: as for ``Trainer``; ``optimizers`` may carry a scheduler only.
 
     Not supported (refused at construction): ``model_init``, DeepSpeed, FSDP,
@@ -343,9 +344,12 @@ class SparseTrainer(Trainer):
         if checkpoint and self.optimizer is None:
             # Before super().train() loads the checkpoint's weights: self.model is still theta0.
             self._restore_from_checkpoint(checkpoint)
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
+            for p, flag in flags:  # the optimizer froze unselected parameters meanwhile
+                p.requires_grad_(flag)
             if self._sparse_gradients_handle is not None:
                 self._sparse_gradients_handle.remove()  # the model is left as it was
                 self._sparse_gradients_handle = None
@@ -353,6 +357,8 @@ class SparseTrainer(Trainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             self._build_optimizer(model)
+        elif self.is_in_train:  # a later train(): freeze the unselected parameters again
+            apply_freezing(unwrap_compiled(self.model).named_parameters(), self.sparse_mask, True)
         if self.sparse_gradients and self.is_in_train and self._sparse_gradients_handle is None:
             # After building the optimizer: prepare() turns requires_grad off for parameters
             # with no selected entry, and the optimizer is built from requires_grad parameters.

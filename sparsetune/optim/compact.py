@@ -3,10 +3,9 @@
 The step has four implementations (``impl``, :data:`IMPLS`), which give the same results:
 ``"flat"`` lays a param group's selected entries end to end (one buffer per state key) and
 updates them with one set of tensor ops per step; ``"packed"`` (opt-in) also lays the
-parameters and their gradients end to end, so the launches of a step do not grow with the
-number of tensors (costs: :mod:`.flat`); ``"foreach"`` runs torch's multi-tensor ops over the
-per-parameter tensors;
-``"forloop"`` updates one parameter at a time, the obviously-correct twin.
+parameters and gradients end to end: O(1) launches per step (costs: :mod:`.flat`);
+``"foreach"``: torch's multi-tensor ops; ``"forloop"``: one parameter at a time (the twin).
+Parameters with no selected entry stop requiring grad (:mod:`.freezing`).
 
 Every step starts from the parameters' current values (they are read, O(k), at each step), so
 writes between steps of any kind are seen. bf16/fp16 parameters get fp32 master values of
@@ -23,12 +22,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._checks import check_non_negative
+from .._checks import check_flag, check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
 from ..sparse_grad import selected_gradient
 from . import sharded
 from .flat import FlatGroup
+from .freezing import apply_freezing, frozen_by_optimizer
 from .grad_accumulation import DenseFp32Accumulator, check_fp32_grad_accumulation
 from .hooks import StepInBackward, add_fingerprint, impl_from_foreach, pop_and_check_fingerprint
 from .masters import (
@@ -56,22 +56,17 @@ class CompactStateOptimizer(Optimizer):
     selected values, and list the implementations of the step they offer in :attr:`impls`
     (``"flat"`` needs :meth:`_flat_keys` too). Parameters are given by name (a module,
     ``named_parameters()``, or groups of ``(name, parameter)``) so the mask can be matched to
-    them. A parameter with no selected entry is never touched; a fully
-    selected one is updated in place with no index.
-
-    Gradients may be dense, or the compact ones of :func:`sparsetune.prepare` (the k selected
-    values only), which are read directly. :meth:`clip_grad_norm_` clips by the norm of the
-    selected entries; :meth:`step_in_backward` fuses the update into ``backward()``.
+    them. A parameter with no selected entry is never touched (and, with
+    ``freeze_unselected``, stops requiring grad: :mod:`.freezing`); a fully selected one is
+    updated in place with no index. Gradients may be dense, or the compact ones of
+    :func:`sparsetune.prepare`. :meth:`clip_grad_norm_` clips by the norm of the selected
+    entries; :meth:`step_in_backward` fuses the update into ``backward()``.
 
     The step runs as each param group's ``"impl"`` says (see :data:`IMPLS`); ``"flat"`` falls
     back to ``"foreach"`` for a step where some selected parameter of the group has no
     gradient, and for a group whose parameters differ in device or dtype or are not contiguous.
-
     Each step reads the selected values from the parameters, so writes made between steps (of
-    any kind) are the starting point. A group's ``"master_weights"`` (None or True: masters for
-    bf16/fp16 parameters; False: none; fp32/fp64 parameters never need one) is explained in
-    :mod:`sparsetune.optim.masters`.
-
+    any kind) are the starting point. ``"master_weights"``: :mod:`sparsetune.optim.masters`.
     FSDP2 (``fully_shard``): each rank keeps state for the selected entries of its own shard
     and ``state_dict()`` is this rank's; see :mod:`sparsetune.optim.sharded`.
     """
@@ -79,7 +74,9 @@ class CompactStateOptimizer(Optimizer):
     #: The values of ``impl`` this optimizer offers; the first is the automatic choice.
     impls: tuple[str, ...] = ("foreach", "forloop")
 
-    def __init__(self, model_or_named_params: Any, mask: Mask, defaults: dict[str, Any]) -> None:
+    def __init__(self, model_or_named_params: Any, mask: Mask, defaults: dict[str, Any],
+                 freeze_unselected: bool = True) -> None:
+        check_flag("freeze_unselected", freeze_unselected)
         if not isinstance(mask, Mask):
             raise InvalidArgumentError(f"mask must be a sparsetune.Mask, got {type(mask).__name__}")
         if defaults.get("decay_to") not in DECAY_TARGETS:
@@ -107,6 +104,8 @@ class CompactStateOptimizer(Optimizer):
         self.register_load_state_dict_pre_hook(remember_full_precision_state)
         self.register_load_state_dict_post_hook(_forget_flat_state)
         self.register_load_state_dict_post_hook(restore_full_precision_state)
+        named = ((n, p) for g in self.param_groups for n, p in zip(g["param_names"], g["params"]))
+        self.frozen_parameters = tuple(apply_freezing(named, mask, freeze_unselected))
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -164,7 +163,7 @@ class CompactStateOptimizer(Optimizer):
                 and p.dtype in LOW_PRECISION
                 and uses_master(group, p)
                 and group["fp32_grad_accumulation"] is not False
-                and p.requires_grad
+                and (p.requires_grad or frozen_by_optimizer(p))  # the latter: thawed below
             ):
                 self._accumulators[p] = DenseFp32Accumulator(p, sel)
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._checks import unwrap_compiled
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
+from .freezing import frozen_by_optimizer
 from .sharded import check_sharding
 
 #: Key under which optimizers store the mask fingerprint in ``state_dict()``.
@@ -90,11 +91,12 @@ def named_parameter_groups(model_or_named_params: Any) -> list[dict[str, Any]]:
     """Normalise an ``nn.Module``, ``named_parameters()`` or named param groups to groups.
 
     Each returned group has ``"params"``: a list of ``(name, tensor)``. A module contributes its
-    parameters that require grad.
+    parameters that require grad, and those a compact optimizer froze (:mod:`.freezing`).
     """
     if isinstance(model_or_named_params, nn.Module):
         model = unwrap_compiled(model_or_named_params)  # torch.compile: plain names
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters()
+                 if p.requires_grad or frozen_by_optimizer(p)]
         return [{"params": named}]
     if isinstance(model_or_named_params, Tensor):
         raise TypeError(

@@ -58,6 +58,9 @@ class SparseAdamW(CompactStateOptimizer):
             selected entries (4 bytes per selected entry; see
             :mod:`sparsetune.optim.grad_accumulation`);
             False: the step reads ``.grad`` as autograd summed it, in the parameter's dtype.
+        freeze_unselected: True (default): parameters the mask selects no entry of stop
+            requiring grad, so the backward builds no gradient for them (names in
+            ``frozen_parameters``; :mod:`sparsetune.optim.freezing`); False: left as given.
     """
 
     impls = ("flat", "packed", "foreach", "forloop")
@@ -78,6 +81,7 @@ class SparseAdamW(CompactStateOptimizer):
         foreach: bool | None = None,
         master_weights: bool | None = None,
         fp32_grad_accumulation: bool | None = None,
+        freeze_unselected: bool = True,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("epsilon value", eps)
@@ -100,7 +104,7 @@ class SparseAdamW(CompactStateOptimizer):
             master_weights=master_weights,
             fp32_grad_accumulation=fp32_grad_accumulation,
         )
-        super().__init__(model_or_named_params, mask, defaults)
+        super().__init__(model_or_named_params, mask, defaults, freeze_unselected)
 
     def _flat_keys(self, group: dict[str, Any]) -> list[str]:
         keys = ["exp_avg", "exp_avg_sq"]

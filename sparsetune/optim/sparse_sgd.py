@@ -51,6 +51,9 @@ class SparseSGD(CompactStateOptimizer):
             selected entries (4 bytes per selected entry; see
             :mod:`sparsetune.optim.grad_accumulation`);
             False: the step reads ``.grad`` as autograd summed it, in the parameter's dtype.
+        freeze_unselected: True (default): parameters the mask selects no entry of stop
+            requiring grad, so the backward builds no gradient for them (names in
+            ``frozen_parameters``; :mod:`sparsetune.optim.freezing`); False: left as given.
     """
 
     impls = ("foreach", "flat", "packed", "forloop")
@@ -71,6 +74,7 @@ class SparseSGD(CompactStateOptimizer):
         foreach: bool | None = None,
         master_weights: bool | None = None,
         fp32_grad_accumulation: bool | None = None,
+        freeze_unselected: bool = True,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("momentum value", momentum)
@@ -93,7 +97,7 @@ class SparseSGD(CompactStateOptimizer):
             master_weights=master_weights,
             fp32_grad_accumulation=fp32_grad_accumulation,
         )
-        super().__init__(model_or_named_params, mask, defaults)
+        super().__init__(model_or_named_params, mask, defaults, freeze_unselected)
 
     def _flat_keys(self, group: dict[str, Any]) -> list[str]:
         keys = ["momentum_buffer"] if group["momentum"] != 0 else []
