@@ -21,7 +21,7 @@ from .errors import (
 )
 from .files import load_mask, save_mask
 from .mask import Mask, ParameterSummary, budget_size
-from .modules import DeltaHandle, attach
+from .modules import DeltaHandle, RequantizeReport, attach
 from .optim import (
     ChildTuningF,
     MaskedOptimizer,
@@ -54,6 +54,7 @@ __all__ = [
     "Mixout",
     "ParameterMismatchError",
     "ParameterSummary",
+    "RequantizeReport",
     "SparseAdamW",
     "SparseDelta",
     "SparseGradientFallbackWarning",

@@ -104,5 +104,38 @@ def test_an_empty_mask_freezes_nothing_and_the_flag_is_checked():
     opt = st.SparseSGD(model, empty, lr=1e-3)
     assert opt.frozen_parameters == () and all(p.requires_grad for p in model.parameters())
     model(**_batch()).loss.backward()  # still has a gradient path
-    with pytest.raises(InvalidArgumentError, match="freeze_unselected must be True or False"):
+    with pytest.raises(InvalidArgumentError, match="freeze_unselected must be True, False or None"):
         st.SparseAdamW(model, empty, freeze_unselected="yes")
+
+
+def test_ddp_automatic_choice_keeps_flags_and_true_before_wrapping_works(tmp_path):
+    """Under a process group with plain parameters (DDP) the default freezes nothing, since DDP
+    fixed its parameters at wrapping; freeze_unselected=True before wrapping works too."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        for freeze in (None, True):
+            model = _model()
+            mask = _qv_mask(model)
+            if freeze is None:  # the README order: wrap, then build the optimizer
+                ddp = DistributedDataParallel(model)
+                opt = st.SparseAdamW(ddp.module, mask, lr=1e-2)
+                assert opt.frozen_parameters == ()
+            else:  # freeze first, then wrap: DDP reduces only what requires grad
+                opt = st.SparseAdamW(model, mask, lr=1e-2, freeze_unselected=True)
+                assert opt.frozen_parameters
+                ddp = DistributedDataParallel(model)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            for _ in range(2):
+                ddp(**_batch()).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            for name, p in model.named_parameters():
+                moved = p.detach() != before[name]
+                assert not (moved & ~mask[name]).any(), name
+                assert bool(moved.any()) == (mask.count(name) > 0), name
+    finally:
+        dist.destroy_process_group()

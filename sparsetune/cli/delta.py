@@ -52,7 +52,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     merge.add_argument("deltas", nargs="+", metavar="FILE", help="sparsetune delta files")
     merge.add_argument("-o", "--output", required=True, help="the merged delta file to write")
     merge.add_argument("--policy", choices=MERGE_POLICIES, default="sum",
-                       help="overlapping entries: add, average, or refuse (default: %(default)s)")
+                       help="overlapping entries: add, average, refuse, or the sparse-aware "
+                       "'ties' (trim, elect a sign, average) and 'dare' (random drop and "
+                       "rescale) (default: %(default)s)")
+    merge.add_argument("--density", type=float, metavar="P",
+                       help="ties: the fraction of each delta's entries kept (default 0.2); "
+                       "dare: the probability an entry survives (default 0.1); in (0, 1]")
+    merge.add_argument("--seed", type=int,
+                       help="dare: seed of the random drop (default 0)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -66,5 +73,6 @@ def run(args: argparse.Namespace) -> None:
         print(f"{apply_to_pretrained(args.base, args.delta, args.output, scale=args.scale)}: "
               f"tuned model saved")
     else:
-        path, merged = merge_delta_files(args.deltas, args.output, policy=args.policy)
+        path, merged = merge_delta_files(args.deltas, args.output, policy=args.policy,
+                                         density=args.density, seed=args.seed)
         print(f"{path}: {merged!r}")

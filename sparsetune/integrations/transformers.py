@@ -358,7 +358,7 @@ class SparseTrainer(Trainer):
         if self.optimizer is None:
             self._build_optimizer(model)
         elif self.is_in_train:  # a later train(): freeze the unselected parameters again
-            apply_freezing(unwrap_compiled(self.model).named_parameters(), self.sparse_mask, True)
+            apply_freezing(unwrap_compiled(self.model).named_parameters(), self.sparse_mask, None)
         if self.sparse_gradients and self.is_in_train and self._sparse_gradients_handle is None:
             # After building the optimizer: prepare() turns requires_grad off for parameters
             # with no selected entry, and the optimizer is built from requires_grad parameters.

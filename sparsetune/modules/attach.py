@@ -12,7 +12,8 @@ Several deltas live side by side (``attach(model, mask_b, name="b")``); :meth:`s
 picks which apply (several: their sum), without copying anything. :meth:`DeltaHandle.merge`
 folds a delta into the float base weight for inference, :meth:`DeltaHandle.unmerge` restores
 the base bit for bit, :meth:`DeltaHandle.remove` takes it away. The base may be float32,
-bfloat16, float16, or torchao-quantized (a tensor-subclass weight: trained, not merged).
+bfloat16, float16, or torchao-quantized (a tensor-subclass weight: trained; merged only with
+``merge(requantize=True)``, which reports the error it introduces, :mod:`.requantize`).
 
 Merged value (one definition everywhere, :func:`merged_weight_values`): at each selected entry
 theta = (theta0 + v) computed in the values' dtype (float32; float64 over a float64 base) and
@@ -23,7 +24,9 @@ own float32 sum. :meth:`DeltaHandle.to_delta` records the same rounded values as
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +36,17 @@ from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint, regis
 from ..delta import DeltaEntry as _Entry
 from ..errors import InvalidArgumentError, ParameterMismatchError
 from ..mask import Mask
-from .slot import SLOT, DeltaSlot, LayerDelta, layer_kind, values_dtype
+from .pretrained import read_folder, write_folder
+from .requantize import RequantizeReport, check_requantizable, requantized_merge
+from .slot import (
+    SLOT,
+    DeltaSlot,
+    LayerDelta,
+    MergedDelta,
+    layer_kind,
+    merged_weight_values,
+    values_dtype,
+)
 
 __all__ = ["DeltaHandle", "attach", "base_parameters", "merged_weight_values"]
 
@@ -42,12 +55,6 @@ def base_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """``model.named_parameters()`` without the attached deltas' values: the base's."""
     return {n: p for n, p in unwrap_compiled(model).named_parameters()
             if f".{SLOT}." not in f".{n}"}
-
-
-def merged_weight_values(base: Tensor, values: Tensor) -> Tensor:
-    """theta0 + v at the selected entries, summed in ``values.dtype`` and rounded once to
-    ``base.dtype``; base, values: (k,) -> (k,) (module docstring)."""
-    return (base.to(values.dtype) + values).to(base.dtype)
 
 
 def _is_plain(weight: Tensor) -> bool:
@@ -125,42 +132,63 @@ class DeltaHandle:
         return any(slot.is_merged(self.name) for _, _, slot, _ in self._deltas())
 
     @torch.no_grad()
-    def merge(self) -> None:
+    def merge(self, *, requantize: bool = False) -> dict[str, RequantizeReport]:
         """Fold this delta into the base weights (:func:`merged_weight_values`); the forward
-        then skips it. Refused for a quantized weight (nothing is changed then)."""
+        then skips it. A float weight takes theta0 + v exactly. A quantized weight cannot:
+        refused unless ``requantize=True``, which dequantizes it, adds the delta and quantizes
+        again with the weight's own scheme (:mod:`.requantize`). Returns the error each
+        requantized layer took, by layer name (empty when no layer was quantized). The
+        original quantized weight is kept aside for :meth:`unmerge` (one quantized weight of
+        memory per layer). Nothing changes when any layer is refused."""
         if self.merged:
             raise InvalidArgumentError(f"delta {self.name!r} is already merged")
         parts = list(self._deltas())
         quantized = [n for n, layer, _, _ in parts if not _is_plain(layer.weight)]
-        if quantized:
+        if quantized and not requantize:
             raise InvalidArgumentError(
-                f"cannot merge delta {self.name!r} exactly: the weights of {quantized} are "
-                f"quantized (their stored values cannot hold theta0 + v); keep it attached, or "
-                f"dequantize the base first")
-        for _, layer, slot, delta in parts:
-            saved_w = _write(layer.weight, delta.weight_indices, delta.weight_values)
+                f"cannot merge delta {self.name!r} exactly: the weights of layers {quantized} "
+                f"are quantized (their stored values cannot hold theta0 + v); pass "
+                f"requantize=True to quantize the merged weights again (the error is "
+                f"reported), keep the delta attached, or dequantize the base first")
+        for n, layer, _, _ in parts:
+            if n in quantized:
+                check_requantizable(n, layer.weight)
+        reports = {}
+        for n, layer, slot, delta in parts:
+            if n in quantized:
+                saved_w, requantized = layer.weight, True
+                layer.weight, reports[n] = requantized_merge(
+                    n, saved_w, delta.weight_indices, delta.weight_values)
+            else:
+                requantized = False
+                saved_w = _write(layer.weight, delta.weight_indices, delta.weight_values)
             saved_b = None
             if delta.bias_values is not None:
                 saved_b = _write(layer.bias, delta.bias_indices[None], delta.bias_values)
-            slot.merged.append((self.name, saved_w, saved_b))
+            slot.merged.append(MergedDelta(self.name, saved_w, saved_b, requantized))
+        return reports
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base values this delta's :meth:`merge` replaced, bit for bit. Deltas
-        merged later over the same layers must be unmerged first."""
+        """Restore the base values this delta's :meth:`merge` replaced, bit for bit (a
+        requantized weight: the original quantized Parameter itself). Deltas merged later over
+        the same layers must be unmerged first."""
         parts = list(self._deltas())
         if not any(slot.is_merged(self.name) for _, _, slot, _ in parts):
             raise InvalidArgumentError(f"delta {self.name!r} is not merged")
-        late = sorted({slot.merged[-1][0] for _, _, slot, _ in parts
-                       if slot.merged and slot.merged[-1][0] != self.name})
+        late = sorted({slot.merged[-1].name for _, _, slot, _ in parts
+                       if slot.merged and slot.merged[-1].name != self.name})
         if late:
             raise InvalidArgumentError(
                 f"unmerge {late} first: they were merged after {self.name!r} on the same layers")
         for _, layer, slot, delta in parts:
-            _, saved_w, saved_b = slot.merged.pop()
-            _put(layer.weight, delta.weight_indices, saved_w)
-            if saved_b is not None:
-                _put(layer.bias, delta.bias_indices[None], saved_b)
+            record = slot.merged.pop()
+            if record.requantized:
+                layer.weight = record.weight
+            else:
+                _put(layer.weight, delta.weight_indices, record.weight)
+            if record.bias is not None:
+                _put(layer.bias, delta.bias_indices[None], record.bias)
 
     def remove(self) -> None:
         """Take this delta off the model (unmerging it first); the last delta removed also
@@ -203,6 +231,45 @@ class DeltaHandle:
             entries[name] = _Entry(tuple(p.shape), index, base.clone(), tuned)
         return SparseDelta(entries, base_fingerprint(params), method,
                            {"attached_as": self.name})
+
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, base_model_name_or_path: str | None = None
+    ) -> Path:
+        """Save this delta as a peft-style folder (:mod:`.pretrained`): ``adapter_config.json``,
+        the :class:`~sparsetune.SparseDelta` file of :meth:`to_delta` and the trained values;
+        :meth:`from_pretrained` loads it back. ``base_model_name_or_path`` defaults to the
+        model's ``name_or_path`` (transformers models), else None. Returns the folder.
+
+        Example::
+
+            handle = st.attach(model, mask, name="task")
+            ...                                   # train handle.parameters()
+            handle.save_pretrained("task_delta")
+            again = st.DeltaHandle.from_pretrained(fresh_base_model, "task_delta")
+        """
+        values = {n: v.detach() for n, v in self.named_parameters()}
+        source = base_model_name_or_path or getattr(self.model, "name_or_path", None) or None
+        total = sum(p.numel() for p in base_parameters(self.model).values())
+        return write_folder(folder, self.to_delta(), values, name=self.name,
+                            target_modules=list(self._layers), num_base_entries=total,
+                            base_model_name_or_path=None if source is None else str(source))
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, folder: str | os.PathLike, name: str | None = None, *,
+        check_base: bool = True,
+    ) -> DeltaHandle:
+        """Attach the delta of a :meth:`save_pretrained` folder to ``model``, its base (the
+        fingerprint is checked: :class:`~sparsetune.BaseModelMismatchError` otherwise), under
+        ``name`` (default: the saved name), with the saved values exactly: the model computes
+        bit for bit what the saved one did."""
+        config, delta, values = read_folder(folder)
+        handle = _attach_delta(model, delta, config["name"] if name is None else name,
+                               check_base)
+        with torch.no_grad():
+            for pname, p in handle.named_parameters():
+                p.copy_(values[pname].to(p.device, p.dtype))
+        return handle
 
     def _flat_index(self, param_name: str) -> Tensor:
         layer_name, _, which = param_name.rpartition(".")

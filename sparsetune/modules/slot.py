@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from ..sparse_grad import Plan
 from .functions import CsrLayout, EmbeddingDelta, LinearDelta
 
-__all__ = ["SLOT", "DeltaSlot", "LayerDelta", "layer_kind", "values_dtype"]
+__all__ = ["SLOT", "DeltaSlot", "LayerDelta", "MergedDelta", "layer_kind",
+           "merged_weight_values", "values_dtype"]
 
 #: Attribute name of the child module that holds a layer's deltas.
 SLOT = "sparse_deltas"
@@ -51,6 +52,12 @@ def values_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def merged_weight_values(base: Tensor, values: Tensor) -> Tensor:
+    """theta0 + v at the selected entries, summed in ``values.dtype`` and rounded once to
+    ``base.dtype``; base, values: (k,) -> (k,) (:mod:`.attach` docstring)."""
+    return (base.to(values.dtype) + values).to(base.dtype)
+
+
 class LayerDelta(nn.Module):
     """One named delta of one layer: the values of the selected weight (and bias) entries."""
 
@@ -70,11 +77,22 @@ class LayerDelta(nn.Module):
         """Not part of the model's state dict (see the module docstring)."""
 
 
+class MergedDelta(NamedTuple):
+    """What a merge of delta ``name`` into one layer replaced, for the unmerge: ``weight`` the
+    base values at its selected entries, or (``requantized``) the whole original quantized
+    weight Parameter; ``bias`` the bias values at its selected entries, or None."""
+
+    name: str
+    weight: Tensor
+    bias: Tensor | None
+    requantized: bool = False
+
+
 class DeltaSlot(nn.Module):
     """The named deltas of one covered layer (see the module docstring).
 
     ``active``: the names whose delta the forward adds (several: their sum); ``merged``: the
-    names folded into the base weight, in merge order, each with the base values it replaced.
+    deltas folded into the base weight, in merge order (:class:`MergedDelta`).
     """
 
     def __init__(self, layer: nn.Module, kind: str) -> None:
@@ -83,7 +101,7 @@ class DeltaSlot(nn.Module):
         self.shape = tuple(layer.weight.shape)
         self.deltas = nn.ModuleDict()
         self.active: list[str] = []
-        self.merged: list[tuple[str, Tensor, Tensor | None]] = []
+        self.merged: list[MergedDelta] = []
         self._plans: dict[tuple[str, torch.device], tuple[Plan, Any, Any]] = {}
         self._hook = layer.register_forward_hook(self._add_deltas)
 
@@ -121,11 +139,11 @@ class DeltaSlot(nn.Module):
         self._hook.remove()
 
     def is_merged(self, name: str) -> bool:
-        return any(m[0] == name for m in self.merged)
+        return any(m.name == name for m in self.merged)
 
     def plan(self, name: str) -> tuple[Plan, Any, Any]:
         """The sparse-gradient plan of delta ``name`` on its current device and its CSR
-        layouts: (plan, forward CsrLayout, backward CsrLayout) for a Linear or Conv1D, (plan,
+        layout: (plan, CsrLayout of the (out, in) matrix, None) for a Linear or Conv1D, (plan,
         CSR row offsets, None) for an Embedding; built on first use."""
         delta = self.deltas[name]
         indices = delta.weight_indices
@@ -138,22 +156,21 @@ class DeltaSlot(nn.Module):
                 ptr = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=indices.device)
                 ptr[1:] = torch.cumsum(torch.bincount(indices[0], minlength=self.shape[0]), 0)
                 self._plans[key] = (plan, ptr, None)
-            else:  # layouts of the (out, in) and (in, out) matrices
+            else:  # the (out, in) matrix
                 r, c = indices if self.kind == "linear" else indices.flip(0)
                 out, inp = self.shape if self.kind == "linear" else self.shape[::-1]
-                self._plans[key] = (plan, CsrLayout(r, c, (out, inp)),
-                                    CsrLayout(c, r, (inp, out)))
+                self._plans[key] = (plan, CsrLayout(r, c, (out, inp)), None)
         return self._plans[key]
 
     def delta_output(self, layer: nn.Module, x: Tensor, name: str) -> Tensor:
         """delta(x) of delta ``name``, in the values' dtype: (..., out) (Embedding: (..., dim))."""
         delta = self.deltas[name]
-        plan, first, second = self.plan(name)
+        plan, first, _ = self.plan(name)
         if self.kind == "embedding":
             return EmbeddingDelta.apply(x, delta.weight_values, plan, first, layer.padding_idx,
                                         layer.scale_grad_by_freq)
         out_features = self.shape[1] if self.kind == "conv1d" else self.shape[0]
-        y = LinearDelta.apply(x, delta.weight_values, plan, self.kind == "conv1d", first, second)
+        y = LinearDelta.apply(x, delta.weight_values, plan, self.kind == "conv1d", first)
         if delta.bias_values is not None:
             bias = torch.zeros(out_features, dtype=y.dtype, device=y.device)
             y = y + bias.index_add(0, delta.bias_indices, delta.bias_values)

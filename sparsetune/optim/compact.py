@@ -22,13 +22,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .._checks import check_flag, check_non_negative
+from .._checks import check_non_negative
 from ..errors import InvalidArgumentError
 from ..mask import Mask
 from ..sparse_grad import selected_gradient
 from . import sharded
 from .flat import FlatGroup
-from .freezing import apply_freezing, frozen_by_optimizer
+from .freezing import apply_freezing, check_freeze_unselected, frozen_by_optimizer
 from .grad_accumulation import DenseFp32Accumulator, check_fp32_grad_accumulation
 from .hooks import StepInBackward, add_fingerprint, impl_from_foreach, pop_and_check_fingerprint
 from .masters import (
@@ -75,8 +75,8 @@ class CompactStateOptimizer(Optimizer):
     impls: tuple[str, ...] = ("foreach", "forloop")
 
     def __init__(self, model_or_named_params: Any, mask: Mask, defaults: dict[str, Any],
-                 freeze_unselected: bool = True) -> None:
-        check_flag("freeze_unselected", freeze_unselected)
+                 freeze_unselected: bool | None = None) -> None:
+        check_freeze_unselected(freeze_unselected)
         if not isinstance(mask, Mask):
             raise InvalidArgumentError(f"mask must be a sparsetune.Mask, got {type(mask).__name__}")
         if defaults.get("decay_to") not in DECAY_TARGETS:

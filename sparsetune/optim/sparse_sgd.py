@@ -51,9 +51,11 @@ class SparseSGD(CompactStateOptimizer):
             selected entries (4 bytes per selected entry; see
             :mod:`sparsetune.optim.grad_accumulation`);
             False: the step reads ``.grad`` as autograd summed it, in the parameter's dtype.
-        freeze_unselected: True (default): parameters the mask selects no entry of stop
-            requiring grad, so the backward builds no gradient for them (names in
-            ``frozen_parameters``; :mod:`sparsetune.optim.freezing`); False: left as given.
+        freeze_unselected: True: parameters the mask selects no entry of stop requiring
+            grad, so the backward builds no gradient for them (names in
+            ``frozen_parameters``); False: left as given; None (default): True except under
+            DDP (a process group and unsharded parameters; see
+            :mod:`sparsetune.optim.freezing`).
     """
 
     impls = ("foreach", "flat", "packed", "forloop")
@@ -74,7 +76,7 @@ class SparseSGD(CompactStateOptimizer):
         foreach: bool | None = None,
         master_weights: bool | None = None,
         fp32_grad_accumulation: bool | None = None,
-        freeze_unselected: bool = True,
+        freeze_unselected: bool | None = None,
     ) -> None:
         check_non_negative("learning rate", lr)
         check_non_negative("momentum value", momentum)

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from ..data import load_pretrained, save_pretrained
-from ..delta import SparseDelta, merge_deltas
-from ..errors import FileFormatError
+from ..delta import DEFAULT_DENSITY, MERGE_POLICIES, SparseDelta, merge_deltas
+from ..errors import FileFormatError, InvalidArgumentError
 from ..files import check_writable, load_mask, read_metadata
 
 __all__ = ["apply_to_pretrained", "extract_from_pretrained", "merge_delta_files"]
@@ -81,11 +81,28 @@ def apply_to_pretrained(
 
 
 def merge_delta_files(
-    paths: list[str | os.PathLike], output: str | os.PathLike, *, policy: str = "sum"
+    paths: list[str | os.PathLike], output: str | os.PathLike, *, policy: str = "sum",
+    density: float | None = None, seed: int | None = None,
 ) -> tuple[Path, SparseDelta]:
     """Load the delta files ``paths``, merge them (:func:`sparsetune.merge_deltas`) and write the
-    result to ``output`` (checked before any file is read); returns the path written and the
-    merged delta."""
+    result to ``output``; returns the path written and the merged delta.
+
+    ``density`` and ``seed`` go to the sparse policies (``"ties"`` takes ``density``,
+    ``"dare"`` both; None: their defaults); given with a policy that ignores them they are an
+    error, as is a density outside (0, 1]. Arguments and ``output`` are checked before any
+    file is read.
+    """
+    if policy not in MERGE_POLICIES:
+        raise InvalidArgumentError(f"policy must be one of {list(MERGE_POLICIES)}, got {policy!r}")
+    given = {"density": density, "seed": seed}
+    takes = {"density": policy in DEFAULT_DENSITY, "seed": policy == "dare"}
+    unused = [f"{k}={v!r}" for k, v in given.items() if v is not None and not takes[k]]
+    if unused:
+        raise InvalidArgumentError(f"policy={policy!r} does not use {' or '.join(unused)}: "
+                                   f"density is for 'ties' and 'dare', seed for 'dare' only")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise InvalidArgumentError(f"density must be in (0, 1], got {density!r}")
     check_writable(output)
-    merged = merge_deltas([SparseDelta.load(p) for p in paths], policy=policy)
+    options = {k: v for k, v in given.items() if v is not None}
+    merged = merge_deltas([SparseDelta.load(p) for p in paths], policy=policy, **options)
     return merged.save(output), merged
