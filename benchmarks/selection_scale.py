@@ -6,8 +6,9 @@ shapes) where CUDA is present. Each (model, method) runs in a fresh process: the
 built, then a sampling thread records the process's resident memory (``/proc/self/statm``,
 every 2 ms) or the CUDA allocator's peak while ``select`` runs; the extra peak over the
 memory held before the call is reported as a multiple of the model's bytes, next to the
-targets (0.25x for random, magnitude, bitfit, names and targets; 2.25x for sam). The time is
-that of a second call, without the sampling thread.
+targets (0.25x for random, magnitude, bitfit, names and targets; 2.25x for sam, child_pruning
+and lt_sft, the last with 2 burn-in steps). The time is that of a second call, without the
+sampling thread.
 
     python benchmarks/selection_scale.py [--sizes 50m 350m] [--methods ...] [--label after]
 
@@ -33,8 +34,8 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate (vocabulary 32,000)
     "350m": (1024, 20, 16, 16, 2816),
     "1.1b": (2048, 22, 32, 4, 5632),
 }
-METHODS = ["random", "magnitude", "bitfit", "names", "targets", "sam"]
-TARGET = {"sam": 2.25}  # every other method: 0.25
+METHODS = ["random", "magnitude", "bitfit", "names", "targets", "sam", "child_pruning", "lt_sft"]
+TARGET = {"sam": 2.25, "child_pruning": 2.25, "lt_sft": 2.25}  # every other method: 0.25
 DENSITY = 0.005
 
 
@@ -73,17 +74,18 @@ def _child(size: str, method: str, device: str) -> dict:
     def loss(m, b):
         return m(input_ids=b["input_ids"], labels=b["input_ids"]).loss
 
-    kwargs: dict = {"density": DENSITY}
+    kwargs: dict = {"density": DENSITY, "progress": False}  # no tqdm bars in the figures
     name = method
     if method == "bitfit":
-        kwargs = {}
+        kwargs = {"progress": False}
     elif method == "names":
-        kwargs = {"include": r"norm\.weight$"}
+        kwargs = {"include": r"norm\.weight$", "progress": False}
     elif method == "targets":
         name, kwargs = "magnitude", {**kwargs, "targets": r"(q_proj|v_proj)\.weight$"}
-    elif method == "sam":
-        kwargs = {**kwargs, "data": batches, "loss_fn": loss, "num_batches": 2,
-                  "progress": False}
+    elif method in ("sam", "child_pruning"):
+        kwargs = {**kwargs, "data": batches, "loss_fn": loss, "num_batches": 2}
+    elif method == "lt_sft":  # 2 AdamW burn-in steps: enough for the optimizer state to exist
+        kwargs = {**kwargs, "data": batches, "loss_fn": loss, "steps": 2}
     import gc
 
     gc.collect()

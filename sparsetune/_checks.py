@@ -16,6 +16,7 @@ from .errors import InvalidArgumentError
 
 __all__ = [
     "check_density",
+    "check_flag",
     "check_int",
     "check_non_negative",
     "check_positive",
@@ -67,6 +68,13 @@ def check_int(name: str, value: Any, minimum: int = 1, *, allow_none: bool = Fal
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
         raise InvalidArgumentError(f"{name} must be {allowed}, got {name}={value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool, else raise naming the argument."""
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"{name} must be True or False, got {name}={value!r}")
     return value
 
 

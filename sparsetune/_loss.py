@@ -245,7 +245,7 @@ def reiterable(data: Iterable[Any], limit: int | None, argname: str = "data") ->
 @contextlib.contextmanager
 def restoring(
     model: nn.Module, *, values: bool = True, parameters: bool = True
-) -> Iterator[None]:
+) -> Iterator[Callable[[Tensor], Tensor]]:
     """Put ``model`` back as it was on exit: every module's train/eval mode and every
     parameter's ``requires_grad``; with ``values`` also, bit for bit, every buffer (BatchNorm's
     running statistics and batch counter, persistent or not), every ``.grad`` (set aside: None
@@ -256,6 +256,10 @@ def restoring(
     The same tensor objects are put back: a parameter or buffer that was replaced by a new
     tensor is swapped back, then overwritten with its saved value, so optimizers and views
     holding the originals still see the model's tensors.
+
+    It yields ``saved(t)``: the value a parameter or buffer ``t`` of the model had on entry
+    (the clone that will be put back; do not modify it), e.g. theta0 while training moves
+    theta, without a second copy.
     """
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -271,8 +275,14 @@ def restoring(
     grads = [(p, p.grad) for p, _ in flags] if values else []
     for p, _ in grads:
         p.grad = None
+
+    def saved(t: Tensor) -> Tensor:
+        if id(t) not in clones or clones[id(t)][0] is not t:
+            raise InvalidArgumentError("restoring saved no value for this tensor")
+        return clones[id(t)][1]
+
     try:
-        yield
+        yield saved
     finally:
         with torch.no_grad():
             for slot, name, t in places:

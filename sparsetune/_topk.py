@@ -5,31 +5,41 @@ entries over all budgeted parameters (``scope="global"``, the paper's Theorem 3)
 per tensor (``"per_tensor"``, the authors' code). Ties go to the lowest flat index. It streams:
 slices of each score tensor are merged into a running exact top k (:class:`StreamingTopK`), and
 :class:`LazyScores` computes a tensor's scores slice by slice when read, so that selection holds
-O(k) besides one slice. Imports nothing of sparsetune but ``errors``, ``_checks`` and
-``_mask_storage``.
+O(k) besides one slice. With ``progress``, a tqdm bar per phase counts tensors (tensors/s):
+``"scoring tensors"`` while each target's scores are read into the top k, ``"merging top-k"``
+while the merged positions become each tensor's entries (:func:`tensor_bar`). Imports nothing of
+sparsetune but ``errors``, ``_checks`` and ``_mask_storage``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from ._checks import check_density
+from ._checks import check_density, check_flag
 from ._mask_storage import Entries
 from .errors import InvalidArgumentError, InvalidScoresError, ParameterMismatchError
 
 __all__ = [
     "SCOPES", "Budget", "Entries", "LazyScores", "StreamingTopK", "budget_size", "check_budget",
-    "top_k_entries", "validate_scores",
+    "tensor_bar", "top_k_entries", "validate_scores",
 ]
 
 SCOPES = ("global", "per_tensor")
 SLICE = 1 << 18  # score entries read at a time: a few bytes each of transient memory
+
+
+def tensor_bar(names: Sequence[str], desc: str, progress: bool) -> Iterable[str]:
+    """``names`` in order, with a tqdm bar of unit ``"tensor"`` (so it shows tensors/s), on
+    stderr and cleared when done (``leave=False``); nothing is printed unless ``progress``."""
+    return tqdm(names, desc=desc, total=len(names), unit="tensor", disable=not progress,
+                leave=False)
 
 
 def budget_size(num_entries: int, density: float) -> int:
@@ -116,14 +126,26 @@ class LazyScores(Mapping[str, Tensor]):
 
     ``score`` must act entrywise (``abs``, say), so that :func:`top_k_entries` can read a
     tensor's scores one slice of its flat entries at a time; the scores are taken to have
-    the parameters' dtypes.
+    the parameters' dtypes. With ``reference`` (``name -> tensor`` shaped like each
+    parameter), the scores are ``score(p, reference[name])``, slice against slice: e.g.
+    |theta - theta0| without a tensor of differences.
     """
 
-    def __init__(self, params: Mapping[str, Tensor], score: Callable[[Tensor], Tensor]) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, Tensor],
+        score: Callable[..., Tensor],
+        reference: Mapping[str, Tensor] | None = None,
+    ) -> None:
         self._params, self._score = dict(params), score
+        self._reference = None if reference is None else {n: reference[n] for n in self._params}
+
+    def _args(self, name: str) -> list[Tensor]:
+        args = [self._params[name].detach()]
+        return args if self._reference is None else [*args, self._reference[name].detach()]
 
     def __getitem__(self, name: str) -> Tensor:
-        return self._score(self._params[name].detach())
+        return self._score(*self._args(name))
 
     def __iter__(self):
         return iter(self._params)
@@ -136,9 +158,9 @@ class LazyScores(Mapping[str, Tensor]):
 
     def flat_slices(self, name: str):
         """``(start, scores of flat entries [start, start + SLICE))`` of ``name``, in order."""
-        flat = self._params[name].detach().reshape(-1)
-        for start in range(0, flat.numel(), SLICE):
-            yield start, self._score(flat[start:start + SLICE])
+        flats = [t.reshape(-1) for t in self._args(name)]
+        for start in range(0, flats[0].numel(), SLICE):
+            yield start, self._score(*(f[start:start + SLICE] for f in flats))
 
 
 class StreamingTopK:
@@ -302,9 +324,11 @@ def top_k_entries(
     *,
     always_train: Iterable[str] = (),
     targets: Iterable[str] | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, Entries], frozenset[str]]:
     """``(name -> Entries, always-trained names)`` of :meth:`sparsetune.Mask.top_k`."""
     check_density(density)
+    check_flag("progress", progress)
     if scope not in SCOPES:
         raise InvalidArgumentError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
     validate_scores(scores)
@@ -314,7 +338,7 @@ def top_k_entries(
     p, always, _, candidates, total = plan[:5]
     chosen: dict[str, Tensor] = {}
     if scope == "per_tensor":
-        for n in candidates:
+        for n in tensor_bar(candidates, "scoring tensors", progress):
             top = StreamingTopK(math.floor(plan.share * like[n].numel()))
             for start, piece in _stream(scores, n, None):
                 top.add(piece, start)
@@ -324,7 +348,7 @@ def top_k_entries(
         for n in candidates:
             dtype = torch.promote_types(dtype, like[n].dtype)
         top, offsets, offset = StreamingTopK(budget_size(total, p)), [], 0
-        for n in candidates:
+        for n in tensor_bar(candidates, "scoring tensors", progress):
             offsets.append(offset)
             for start, piece in _stream(scores, n, dtype):
                 top.add(piece, offset + start)
@@ -334,7 +358,8 @@ def top_k_entries(
         for i, n in enumerate(candidates):
             chosen[n] = pos[int(edges[i]):int(edges[i + 1])] - offsets[i]
     result = {}
-    for n, t in like.items():
+    for n in tensor_bar(list(like), "merging top-k", progress):
+        t = like[n]
         if n in always:
             result[n] = Entries.full(t.shape, t.device)
         elif n in chosen:

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import unwrap_compiled
+from ._checks import reject_sharded, unwrap_compiled
 from ._delta_parts import (
     BaseModelMismatchError,
     DeltaEntry,
@@ -116,9 +116,14 @@ class SparseDelta:
         delta captures the whole change; otherwise :class:`BaseModelMismatchError` lists the
         parameters that moved outside the mask. Buffers that differ from ``base_state_dict``
         (pass the base's ``state_dict()``) are recorded densely; with ``strict=True`` a buffer
-        it lacks is an error, with ``strict=False`` it is left out (module docstring).
+        it lacks is an error, with ``strict=False`` it is left out (module docstring). A model
+        sharded with FSDP2 is refused: ``sparsetune.integrations.fsdp.extract_delta`` gathers
+        its delta on one rank.
         """
         model = unwrap_compiled(model)  # torch.compile: the module it wraps, plain names
+        reject_sharded(model, "SparseDelta.extract",
+                       "call sparsetune.integrations.fsdp.extract_delta (or save_delta) on "
+                       "every rank: it gathers the selected entries on one rank")
         params = dict(model.named_parameters())
         buffers = saved_buffers(model)
         mask.check(model)

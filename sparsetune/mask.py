@@ -161,6 +161,7 @@ class Mask(Mapping[str, Tensor]):
         *,
         always_train: Iterable[str] = (),
         targets: Iterable[str] | None = None,
+        progress: bool = False,
     ) -> Mask:
         """Keep the entries with the largest scores (theory/ E1, E5).
 
@@ -179,14 +180,14 @@ class Mask(Mapping[str, Tensor]):
                 budget stays k = floor(m p) over the whole model, so the mask's density is p
                 wherever it is placed; ``"per_tensor"`` then keeps the same fraction
                 p m / m_targets of each target. Everything else gets no entry.
+            progress: tqdm bars over the tensors scored, then merged (tensors/s).
 
         Ties are broken deterministically: among equal scores at the threshold the entry with
         the lower flat index wins, parameters taken in the order of ``scores``. The top k is
         exact but streamed: slices of each tensor's scores are merged into a running top k.
         """
-        entries, always = top_k_entries(
-            scores, density, scope, always_train=always_train, targets=targets
-        )
+        entries, always = top_k_entries(scores, density, scope, always_train=always_train,
+                                        targets=targets, progress=progress)
         return cls._wrap(entries, always)
 
     # -- Mapping --------------------------------------------------------------------------

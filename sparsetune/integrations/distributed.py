@@ -19,9 +19,12 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``, parameters sharded on dim 0): ``S
 ``SparseSGD`` take the sharded model and the global mask; each rank keeps state only for the
 selected entries of its own shard, steps on ``to_local()`` shards, and ``clip_grad_norm_``
 all-reduces the norm (:mod:`sparsetune.optim.sharded`: what is and is not supported yet). Select
-the mask before sharding (or on an unsharded copy) and check it with :func:`assert_same_mask`:
-``select_distributed``, ``prepare()`` and the delta modules are not supported on a sharded
-model yet, and :class:`MaskedOptimizer` refuses DTensors (:func:`reject_sharded_parameters`).
+the mask with :func:`select_distributed` on the sharded model (``random``, ``bitfit``,
+``names``, ``magnitude``, ``sam``, ``child_pruning``: :mod:`.fsdp_select`), or before sharding
+and check it with :func:`assert_same_mask`; :func:`sparsetune.integrations.fsdp.extract_delta`
+gathers the sparse delta on one rank. ``prepare()`` and the delta modules are not supported on
+a sharded model yet, and :class:`MaskedOptimizer` refuses DTensors
+(:func:`reject_sharded_parameters`).
 
 Collectives run on the CPU for gloo and on the current CUDA device for NCCL. Every function here
 is collective: call it on every rank of ``group``, in the same order.
@@ -37,12 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._checks import reject_sharded
 from .._loss import LossFn, transformers_loss
 from ..errors import InvalidArgumentError, ParameterMismatchError, StateMismatchError
 from ..mask import Mask
 from ..optim import reject_sharded_parameters as _reject_sharded
+from ..optim.sharded import is_sharded, process_group
 from ..select import METHODS, check_select, method_spec, select
+from .fsdp_select import select_sharded
 
 __all__ = [
     "ALL_REDUCED_METHODS",
@@ -187,6 +191,7 @@ def select_distributed(
     scope: str = "global",
     seed: int = 0,
     always_train: Iterable[str] = (),
+    targets: str | Iterable[str] | None = None,
     src: int = 0,
     group: Any = None,
     **options: Any,
@@ -199,13 +204,21 @@ def select_distributed(
     Options: the method's ``statistic_options``: ``num_batches`` (per rank), ``max_grad_norm``,
     ``progress`` (default False). Any other method runs
     on rank ``src`` only (``data`` matters there) and the mask is broadcast. Either way the
-    masks are checked to be identical on every rank.
+    masks are checked to be identical on every rank. ``targets``: as in :func:`select`.
+
+    On a model sharded with FSDP2 (``fully_shard``) each rank scores its own shards and the
+    exact top-k is found across ranks (:mod:`sparsetune.integrations.fsdp_select`: the methods
+    supported, and what a batch is there); ``group`` is then the model's mesh.
     """
     _check_initialized()
-    reject_sharded(model, "select_distributed",
-                   "select on the full model (one process or DDP) and pass the mask on")
-    model = check_select(model, method, density, scope=scope, seed=seed,
-                         always_train=always_train, options=options).model
+    if any(is_sharded(p) for p in model.parameters()):
+        return assert_same_mask(select_sharded(
+            model, method, density, data=data, loss_fn=loss_fn, scope=scope, seed=seed,
+            always_train=always_train, targets=targets, **options,
+        ), group=process_group(model.parameters()))
+    checked = check_select(model, method, density, scope=scope, seed=seed,
+                           always_train=always_train, targets=targets, options=options)
+    model = checked.model
     spec = method_spec(method)
     if spec.all_reducible:
         extra = sorted(set(options) - spec.statistic_options)
@@ -222,13 +235,13 @@ def select_distributed(
         stat = config.statistic(model, loss_fn or transformers_loss, data)
         total = all_reduce_scores(stat, group=group)
         mask = Mask.top_k(config.scores_from_statistic(total), density, scope,
-                          always_train=always_train)
+                          always_train=always_train, targets=checked.targets)
     else:
         mask, failure = None, None
         if dist.get_rank() == src:
             try:
                 mask = select(model, method, density, data=data, loss_fn=loss_fn, scope=scope,
-                              seed=seed, always_train=always_train, **options)
+                              seed=seed, always_train=always_train, targets=targets, **options)
             except Exception as exc:  # tell the other ranks, which wait for the mask
                 failure = f"selection failed on rank {src}: {exc}"
                 _broadcast(None, src, group, failure)

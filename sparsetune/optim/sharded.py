@@ -16,7 +16,9 @@ mesh, so every rank clips by the same global norm of the selected entries.
 
 ``state_dict()`` holds this rank's state (moments, masters, ... of its shard's selected
 entries) and records ``[rank, world]``; ``load_state_dict`` refuses a state saved by another
-rank or sharding. Resharding through ``torch.distributed.checkpoint`` is not supported yet.
+rank or sharding. To save on N ranks and load on M, go through ``torch.distributed.checkpoint``
+with :mod:`sparsetune.integrations.fsdp_checkpoint` (a global, resharded view of the state).
+Building the optimizer checks (collectively) that every rank passed the same mask.
 
 Not supported yet: placements other than ``(Shard(0),)`` on a 1-D mesh (HSDP, tensor
 parallelism) and ``step_in_backward`` raise a clear error; the ``"flat"`` and ``"packed"``
@@ -120,6 +122,8 @@ def joined_group(optimizer: Any, params: Iterable[Tensor], first: bool) -> Any:
     """The process group of a new param group's shards (None: unsharded); raise if it is
     sharded and the optimizer's earlier groups are not, or the other way round."""
     group = process_group(params)
+    if group is not None:
+        check_same_mask(optimizer.mask, group, type(optimizer).__name__)
     if not first and (group is None) != (optimizer._shard_group is None):
         kinds = ("sharded", "unsharded") if group is not None else ("unsharded", "sharded")
         raise InvalidArgumentError(
@@ -127,6 +131,23 @@ def joined_group(optimizer: Any, params: Iterable[Tensor], first: bool) -> Any:
             f"groups of {kinds[1]} ones"
         )
     return group
+
+
+def check_same_mask(mask: Any, group: Any, who: str) -> None:
+    """Raise :class:`StateMismatchError` on every rank of ``group`` unless all hold a mask of
+    the same digest (each rank would train other entries of its shard). Collective."""
+    device = torch.device("cuda", torch.cuda.current_device()) if (
+        dist.get_backend(group) == "nccl") else torch.device("cpu")
+    digest = torch.tensor(list(bytes.fromhex(mask.digest())), dtype=torch.int64, device=device)
+    low, high = digest.clone(), digest.clone()
+    dist.all_reduce(low, dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise StateMismatchError(
+            f"{who}: the ranks hold different masks (rank {dist.get_rank(group)} has digest "
+            f"{mask.digest()[:12]}...): every rank must pass the same global mask (select it "
+            f"with select_distributed, or broadcast_mask)"
+        )
 
 
 def refuse_step_in_backward(optimizer: Any) -> None:
@@ -198,5 +219,6 @@ def check_shard(optimizer: Any, state_dict: dict[str, Any]) -> None:
             f"{type(optimizer).__name__}.load_state_dict: the state was saved by rank, world "
             f"{saved} (None: not sharded), but this optimizer is on {shard}; a sharded "
             f"optimizer's state holds one rank's shard and loads only on that rank of the same "
-            f"sharding (resharding through torch.distributed.checkpoint is not supported yet)"
+            f"sharding (to reshard, save and load through torch.distributed.checkpoint with "
+            f"sparsetune.integrations.fsdp_checkpoint)"
         )

@@ -132,6 +132,10 @@ def select(
             (the task head) alone for that many AdamW steps on ``data`` (a linear probe), then
             score; the model is left as found).
             ``num_batches`` larger than the data's length reads every batch, with a warning.
+            ``progress`` (every built-in method, default True): tqdm bars on stderr, one per
+            phase, cleared when done: the batches read (gradients, burn-in steps), the
+            tensors scored (or sampled, matched) and the tensors merged, with tensors/s; the
+            mask is the same either way.
 
     Every argument but the data is checked (:func:`check_select`) before any batch is read
     or any gradient computed.

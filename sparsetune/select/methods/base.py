@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from ..._checks import check_flag
 from ..._loss import LossFn
 from ...errors import InvalidArgumentError
 from ...mask import Mask
@@ -32,13 +33,6 @@ class MethodInfo:
     uses_density: bool
     description: str
     optimizer: str | None = None  # for per-step methods: the optimizer class that implements it
-
-
-def check_flag(name: str, value: Any) -> bool:
-    """Return ``value`` if it is a bool, else raise naming the option."""
-    if not isinstance(value, bool):
-        raise InvalidArgumentError(f"{name} must be True or False, got {name}={value!r}")
-    return value
 
 
 @dataclass(frozen=True)

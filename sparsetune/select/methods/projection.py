@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from ..._checks import check_int, check_positive
 from ..._loss import LossFn, LossModule, batches, restoring
+from ..._topk import LazyScores
 from ...errors import InvalidArgumentError
 from ...mask import Mask
 from .._data import trainable
 from .base import MethodConfig, check_flag
-from .burn_in import finetuned_values
+from .burn_in import burned_in
 from .sam import GradientSumConfig, accumulated_gradient
 
 __all__ = [
@@ -58,8 +59,13 @@ def lt_sft_scores(
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """LT-SFT-style: |theta_after - theta0| after ``steps`` of full fine-tuning."""
-    after = finetuned_values(model, loss_fn, data, steps=steps, lr=lr, seed=seed, progress=progress)
-    return {n: (after[n] - p.detach()).abs() for n, p in trainable(model)}
+    with burned_in(model, loss_fn, data, steps=steps, lr=lr, seed=seed,
+                   progress=progress) as initial:
+        return {n: _distance(p.detach(), initial[n]) for n, p in trainable(model)}
+
+
+def _distance(after: Tensor, before: Tensor) -> Tensor:
+    return (after - before).abs()
 
 
 # Hard-concrete distribution (Louizos et al., 2018), as used by DiffPruning (Guo et al., 2021).
@@ -145,13 +151,15 @@ class ChildPruningConfig(GradientSumConfig):
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
         scores = fisher_scores(model, loss_fn, data, num_batches=self.num_batches,
                                max_grad_norm=self.max_grad_norm, progress=self.progress)
-        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets)
+        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets,
+                          progress=self.progress)
 
 
 @dataclass(frozen=True)
 class LtSftConfig(MethodConfig):
     """``lt_sft``: full fine-tuning for ``steps`` AdamW steps at ``lr``, keep the most changed
-    entries, reset the model."""
+    entries, reset the model. The top k reads |theta - theta0| slice by slice from the trained
+    model and the copy that restores it (:func:`burned_in`), so the scores are never stored."""
 
     steps: int = 100
     lr: float = 1e-4
@@ -171,9 +179,11 @@ class LtSftConfig(MethodConfig):
         check_flag("progress", self.progress)
 
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
-        scores = lt_sft_scores(model, loss_fn, data, steps=self.steps, lr=self.lr, seed=seed,
-                               progress=self.progress)
-        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets)
+        with burned_in(model, loss_fn, data, steps=self.steps, lr=self.lr, seed=seed,
+                       progress=self.progress) as initial:
+            scores = LazyScores(dict(trainable(model)), _distance, initial)
+            return Mask.top_k(scores, density, scope, always_train=always_train,
+                              targets=targets, progress=self.progress)
 
 
 @dataclass(frozen=True)
@@ -216,4 +226,5 @@ class DiffPruningConfig(MethodConfig):
             model, loss_fn, data, steps=self.steps, lr=self.lr, l0_weight=self.l0_weight,
             init_log_alpha=self.init_log_alpha, seed=seed, progress=self.progress,
         )
-        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets)
+        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets,
+                          progress=self.progress)

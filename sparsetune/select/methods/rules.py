@@ -1,10 +1,13 @@
 """Rule-based and random selection: Random, BitFit, name rules, magnitude (MagPruning).
 
 Methods: ``random``, ``bitfit``, ``names``, ``magnitude`` (one config class each, below).
+Each takes ``progress`` (default True, as every built-in method): a tqdm bar over the parameter
+tensors it samples, matches or scores (tensors/s), cleared when done.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -13,13 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..._checks import check_int, check_positive
-from ..._topk import LazyScores, budget_size, check_budget
+from ..._checks import check_flag, check_int, check_positive
+from ..._topk import LazyScores, budget_size, check_budget, tensor_bar
 from ...errors import InvalidArgumentError
 from ...mask import Mask
 from .._data import trainable
-from .base import MethodConfig, check_flag
-from .burn_in import finetuned_values
+from .base import MethodConfig
+from .burn_in import burned_in
 
 __all__ = [
     "BitfitConfig", "MagnitudeConfig", "NamesConfig", "RandomConfig", "bitfit_mask",
@@ -80,6 +83,7 @@ def random_mask(
     seed: int = 0,
     always_train: Iterable[str] = (),
     targets: Iterable[str] | None = None,
+    progress: bool = False,
 ) -> Mask:
     """A uniformly random mask, drawn without any score.
 
@@ -87,7 +91,7 @@ def random_mask(
     so the counts per tensor follow the multivariate hypergeometric law exactly and the
     entries inside a tensor are uniform; ``"per_tensor"``: floor(share numel) uniform entries
     of each target. Seeded by ``seed`` (a CPU ``torch.Generator``: the same mask on every
-    device); memory O(k) beyond the mask's indices.
+    device); memory O(k) beyond the mask's indices. ``progress``: a bar over the targets.
     """
     named = dict(trainable(model))
     plan = check_budget({n: p.numel() for n, p in named.items()}, density, scope,
@@ -95,7 +99,7 @@ def random_mask(
     gen = torch.Generator().manual_seed(seed)
     chosen: dict[str, Tensor] = {}
     if scope == "per_tensor":
-        for n in plan.candidates:
+        for n in tensor_bar(plan.candidates, "sampling tensors", progress):
             numel = named[n].numel()
             chosen[n] = uniform_subset(numel, math.floor(plan.share * numel), gen)
     else:
@@ -103,7 +107,7 @@ def random_mask(
         pos = uniform_subset(sum(sizes), budget_size(plan.total, plan.density), gen)
         offsets = [0, *torch.tensor(sizes).cumsum(0).tolist()]
         edges = torch.searchsorted(pos, torch.tensor(offsets)).tolist()
-        for i, n in enumerate(plan.candidates):
+        for i, n in enumerate(tensor_bar(plan.candidates, "sampling tensors", progress)):
             chosen[n] = pos[edges[i]:edges[i + 1]] - offsets[i]
     none = torch.zeros(0, dtype=torch.int64)
     return Mask.from_indices(  # every name given a tensor: its compact form goes on p's device
@@ -138,11 +142,12 @@ def names_mask(
     exclude: str | Sequence[str] = (),
     *,
     always_train: Iterable[str] = (),
+    progress: bool = False,
 ) -> Mask:
     """Fully select the parameters whose name matches an ``include`` regex and no ``exclude``.
 
     Patterns use ``re.search``. A pattern that matches no trainable parameter is an error: a
-    typo must not silently select nothing.
+    typo must not silently select nothing. ``progress``: a bar over the tensors matched.
     """
     inc, exc, compiled = _name_rules(include, exclude)
     named = trainable(model)
@@ -155,42 +160,56 @@ def names_mask(
     inc_rx, exc_rx = compiled[: len(inc)], compiled[len(inc) :]
     chosen = {
         n
-        for n, _ in named
+        for n in tensor_bar([n for n, _ in named], "matching tensors", progress)
         if any(r.search(n) for r in inc_rx) and not any(r.search(n) for r in exc_rx)
     }
     return Mask.from_names(dict(named), chosen, always_train=always_train)
 
 
-def bitfit_mask(model: nn.Module, *, always_train: Iterable[str] = ()) -> Mask:
+def bitfit_mask(
+    model: nn.Module, *, always_train: Iterable[str] = (), progress: bool = False
+) -> Mask:
     """BitFit (Ben Zaken et al.): every bias term, nothing else; the density is what it gives."""
-    return names_mask(model, include=r"(^|\.)bias$", always_train=always_train)
+    return names_mask(model, include=r"(^|\.)bias$", always_train=always_train,
+                      progress=progress)
 
 
 @dataclass(frozen=True)
 class RandomConfig(MethodConfig):
-    """``random``: a fixed random mask, drawn without scores (:func:`random_mask`; no options)."""
+    """``random``: a fixed random mask, drawn without scores (:func:`random_mask`); ``progress``
+    shows a bar over the tensors sampled."""
+
+    progress: bool = True
 
     name = "random"
     family = "random"
     description = "a fixed random mask (seeded)"
     takes_targets = True
 
+    def validate(self) -> None:
+        check_flag("progress", self.progress)
+
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
         return random_mask(model, density, scope, seed=seed, always_train=always_train,
-                           targets=targets)
+                           targets=targets, progress=self.progress)
 
 
 @dataclass(frozen=True)
 class BitfitConfig(MethodConfig):
-    """``bitfit``: every bias term (no options, no density)."""
+    """``bitfit``: every bias term (no density); ``progress`` shows a bar over the tensors."""
+
+    progress: bool = True
 
     name = "bitfit"
     family = "rule"
     description = "bias terms only (BitFit); density is what it gives"
     uses_density = False
 
+    def validate(self) -> None:
+        check_flag("progress", self.progress)
+
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
-        return bitfit_mask(model, always_train=always_train)
+        return bitfit_mask(model, always_train=always_train, progress=self.progress)
 
 
 @dataclass(frozen=True)
@@ -200,10 +219,12 @@ class NamesConfig(MethodConfig):
     Attributes:
         include: pattern(s) a selected name matches (``re.search``); at least one.
         exclude: pattern(s) no selected name matches.
+        progress: a bar over the tensors matched.
     """
 
     include: str | Sequence[str] = ()
     exclude: str | Sequence[str] = ()
+    progress: bool = True
 
     name = "names"
     family = "rule"
@@ -212,15 +233,18 @@ class NamesConfig(MethodConfig):
 
     def validate(self) -> None:
         _name_rules(self.include, self.exclude)
+        check_flag("progress", self.progress)
 
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
-        return names_mask(model, self.include, self.exclude, always_train=always_train)
+        return names_mask(model, self.include, self.exclude, always_train=always_train,
+                          progress=self.progress)
 
 
 @dataclass(frozen=True)
 class MagnitudeConfig(MethodConfig):
     """``magnitude``: largest |theta|, optionally after ``burn_in_steps`` of full fine-tuning
-    at ``lr`` (the model is reset afterwards; then it needs data)."""
+    at ``lr`` (the model is reset afterwards; then it needs data); ``progress``: bars over the
+    burn-in batches and the tensors scored and merged."""
 
     burn_in_steps: int = 0
     lr: float = 1e-4
@@ -244,9 +268,10 @@ class MagnitudeConfig(MethodConfig):
         if self.burn_in_steps:
             if data is None:
                 raise InvalidArgumentError("magnitude with burn_in_steps > 0 needs data=")
-            values = finetuned_values(model, loss_fn, data, steps=self.burn_in_steps,
-                                      lr=self.lr, seed=seed, progress=self.progress)
-            scores = {n: v.abs() for n, v in values.items()}
+            trained = burned_in(model, loss_fn, data, steps=self.burn_in_steps, lr=self.lr,
+                                seed=seed, progress=self.progress)
         else:
-            scores = magnitude_scores(model)
-        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets)
+            trained = contextlib.nullcontext()
+        with trained:  # |theta| read from the (burned-in) model itself, before any reset
+            return Mask.top_k(magnitude_scores(model), density, scope, always_train=always_train,
+                              targets=targets, progress=self.progress)

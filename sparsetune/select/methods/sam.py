@@ -326,7 +326,8 @@ class SamConfig(GradientSumConfig):
         scores = after_head_warmup(model, always_train, data, loss_fn, seed,
                                    self.head_warmup_steps, self.head_warmup_lr, self.progress,
                                    scores)
-        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets)
+        return Mask.top_k(scores, density, scope, always_train=always_train, targets=targets,
+                          progress=self.progress)
 
 
 _PER_EXAMPLE = ("ggn", "ggn_mc", "empirical_fisher")

@@ -1,0 +1,263 @@
+"""Selection on an FSDP2-sharded model: the mask one process would select, from local shards.
+
+:func:`select_sharded` (what :func:`~sparsetune.integrations.distributed.select_distributed`
+does for a model whose parameters are ``fully_shard``'s ``Shard(0)`` DTensors) never gathers a
+full parameter:
+
+* ``random``, ``bitfit``, ``names`` need shapes and names only, which every rank has: each rank
+  draws the same mask from the seed (the hypergeometric split of the budget over tensors and
+  the uniform entries inside them, as in one process), with no communication.
+* ``magnitude``, ``sam`` and ``child_pruning`` score each rank's own shards (|theta|; the sum
+  over batches of the clipped gradient, squared, or of its square). Under FSDP2 one backward on
+  every rank's batch gives each rank its shard of the gradient of the mean loss over all ranks'
+  batches, so a *batch* here is the global batch of one step (every rank's part of it): the
+  mask equals one process selecting on those global batches, each clipped to its global norm
+  (the norm all-reduced over the shards). Every rank must feed the same number of batches.
+  Each rank keeps its exact top-k candidates (:class:`StreamingTopK`, k of the whole budget,
+  or of each tensor for ``scope="per_tensor"``), with positions in the single-process order
+  (parameter order, then global flat index); the candidates of all ranks are all-gathered
+  (at most ``world * k`` of them) and merged in that order, ties going to the lowest position,
+  exactly as one process breaks them.
+
+Methods that train the model while selecting (``lt_sft``, ``diff_pruning``, ``magnitude`` with
+``burn_in_steps``, a head warm-up) or need curvature (``sam_curvature``) and registered
+methods (``lora``, ``adapter``) raise a clear error. Collective over the model's mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._loss import LossFn, transformers_loss
+from .._topk import SLICE, StreamingTopK, budget_size, check_budget
+from ..errors import InvalidArgumentError, InvalidScoresError
+from ..mask import Mask
+from ..optim.sharded import check_sharding, local, process_group
+from ..select import check_select
+from ._ranks import checked_on_every_rank, raise_on_every_rank
+from .fsdp import shard_span
+
+__all__ = ["SHARDED_METHODS", "select_sharded"]
+
+#: The methods :func:`select_sharded` supports.
+SHARDED_METHODS = ("random", "bitfit", "names", "magnitude", "sam", "child_pruning")
+_SHAPES_ONLY = ("random", "bitfit", "names")
+_GRADIENT_SUMS = ("sam", "child_pruning")
+
+
+def _device(group: Any) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _refuse_unsupported(method: str, options: Mapping[str, Any]) -> None:
+    if method not in SHARDED_METHODS:
+        why = {
+            "sam_curvature": "its Hessian-diagonal estimate runs torch.func on full parameters",
+            "lt_sft": "it fine-tunes the full model while selecting",
+            "diff_pruning": "it trains gates over the full model while selecting",
+        }.get(method, "it is computed from full parameters")
+        raise InvalidArgumentError(
+            f"select_distributed: method {method!r} is not supported on a sharded (FSDP2) model "
+            f"yet: {why}; supported: {list(SHARDED_METHODS)}, or select on the unsharded model "
+            f"and pass the mask on"
+        )
+    for option in ("burn_in_steps", "head_warmup_steps"):
+        if options.get(option):
+            raise InvalidArgumentError(
+                f"select_distributed: {option}={options[option]!r} is not supported on a "
+                f"sharded (FSDP2) model yet (it trains the model while selecting); pass 0"
+            )
+
+
+def _gradient_sums(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossFn,
+                   data: Iterable[Any], num_batches: int | None, max_grad_norm: float | None,
+                   square_each: bool, group: Any) -> dict[str, Tensor]:
+    """This rank's shard of the sum over global batches of the clipped gradient (or of its
+    square); weights, ``.grad`` fields and train/eval modes left as found. Collective."""
+    totals = {n: torch.zeros_like(local(p.detach())) for n, p in params.items()}
+    saved = {n: p.grad for n, p in params.items()}
+    modes = [(m, m.training) for m in model.modules()]
+    device = _device(group)
+    it, seen = iter(data), 0
+    try:
+        model.eval()
+        for p in params.values():
+            p.grad = None
+        while num_batches is None or seen < num_batches:
+            batch = next(it, None)
+            have = torch.tensor([batch is not None, batch is None], dtype=torch.int64,
+                                device=device)
+            dist.all_reduce(have, group=group)
+            if int(have[1]) == dist.get_world_size(group):
+                break
+            raise_on_every_rank(InvalidArgumentError(
+                f"the ranks ran out of batches at different steps ({int(have[1])} ranks had no "
+                f"batch {seen}): under FSDP2 every rank must feed the same number of batches"
+            ) if int(have[1]) else None, group)
+            loss_fn(model, batch).backward()
+            grads = {n: None if p.grad is None else local(p.grad) for n, p in params.items()}
+            scale = 1.0
+            if max_grad_norm is not None:
+                sq = sum((g.double().square().sum() for g in grads.values() if g is not None),
+                         torch.zeros((), dtype=torch.float64)).to(device)
+                dist.all_reduce(sq, group=group)
+                scale = min(1.0, max_grad_norm / (float(sq.sqrt()) + 1e-6))
+            for n, g in grads.items():
+                if g is not None:
+                    g = g * scale if scale < 1.0 else g
+                    totals[n].add_(g.square() if square_each else g)
+                params[n].grad = None
+            seen += 1
+    finally:
+        for n, p in params.items():
+            p.grad = saved[n]
+        for m, training in modes:
+            m.train(training)
+    if seen == 0:
+        raise InvalidArgumentError("data yielded no batch: these scores need at least one batch")
+    return totals
+
+
+def _all_gather(values: Tensor, positions: Tensor, group: Any) -> tuple[Tensor, Tensor]:
+    """Every rank's (values, positions), concatenated in rank order. Collective."""
+    device, world = _device(group), dist.get_world_size(group)
+    count = torch.tensor([values.numel()], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    out = []
+    for t in (values.to(device), positions.to(device)):
+        padded = torch.zeros(most, dtype=t.dtype, device=device)
+        padded[:t.numel()] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        out.append(torch.cat([part[:n] for part, n in zip(parts, sizes)]).cpu())
+    return out[0], out[1]
+
+
+def _top(values: Tensor, k: int) -> Tensor:
+    """Positions (into ``values``, sorted) of the top ``k``, ties to the lowest position."""
+    top = StreamingTopK(k)
+    for start in range(0, values.numel(), SLICE):
+        top.add(values[start:start + SLICE], start)
+    return top.positions()
+
+
+def sharded_top_k(params: Mapping[str, Tensor], scores: Mapping[str, Tensor], density: float,
+                  scope: str, always_train: Iterable[str], targets: Iterable[str] | None,
+                  group: Any) -> Mask:
+    """:meth:`Mask.top_k` over sharded ``params`` from each rank's local ``scores`` (shaped
+    like ``local(param)``): the same mask on every rank. Collective."""
+    sizes = {n: p.numel() for n, p in params.items()}
+    plan = check_budget(sizes, density, scope, always_train=always_train, targets=targets)
+    offsets, offset = {}, 0
+    for n in plan.candidates:
+        offsets[n], offset = offset, offset + sizes[n]
+    k = {n: math.floor(plan.share * sizes[n]) for n in plan.candidates}
+    total_k = budget_size(plan.total, plan.density)
+    values, positions = [], []
+    top = StreamingTopK(total_k)
+    for n in plan.candidates:
+        first = offsets[n] + shard_span(params[n])[0]
+        flat = scores[n].detach().reshape(-1)
+        mine = StreamingTopK(k[n]) if scope == "per_tensor" else top
+        for start in range(0, flat.numel(), SLICE):
+            mine.add(flat[start:start + SLICE].to(torch.float64), first + start)
+        if scope == "per_tensor":
+            positions.append(mine.positions())
+            values.append(flat[(positions[-1] - first).to(flat.device)].to(torch.float64))
+    if scope == "global":
+        pos = top.positions()
+        starts = torch.tensor([offsets[n] + shard_span(params[n])[0] for n in plan.candidates],
+                              dtype=torch.int64)
+        owner = torch.searchsorted(starts, pos, right=True) - 1
+        for i, n in enumerate(plan.candidates):
+            at = pos[owner == i]
+            flat = scores[n].detach().reshape(-1)
+            positions.append(at)
+            values.append(flat[(at - int(starts[i])).to(flat.device)].to(torch.float64))
+    cat = (lambda ts, dtype: torch.cat([t.cpu() for t in ts]) if ts  # noqa: E731
+           else torch.zeros(0, dtype=dtype))
+    all_values, all_positions = _all_gather(cat(values, torch.float64),
+                                            cat(positions, torch.int64), group)
+    order = torch.argsort(all_positions)
+    all_values, all_positions = all_values[order], all_positions[order]
+    edges = torch.searchsorted(all_positions,
+                               torch.tensor([*offsets.values(), offset], dtype=torch.int64))
+    chosen: dict[str, Tensor] = {}
+    if scope == "global":
+        pos = all_positions[_top(all_values, total_k)]
+        bounds = torch.searchsorted(pos, torch.tensor([*offsets.values(), offset]))
+        for i, n in enumerate(plan.candidates):
+            chosen[n] = pos[int(bounds[i]):int(bounds[i + 1])] - offsets[n]
+    else:
+        for i, n in enumerate(plan.candidates):
+            lo, hi = int(edges[i]), int(edges[i + 1])
+            chosen[n] = all_positions[lo:hi][_top(all_values[lo:hi], k[n])] - offsets[n]
+    return Mask.from_indices({n: p.shape for n, p in params.items()},
+                             {n: c.to(local(params[n]).device) for n, c in chosen.items()},
+                             always_train=plan.always)
+
+
+def select_sharded(
+    model: nn.Module,
+    method: str,
+    density: float | None = None,
+    *,
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    scope: str = "global",
+    seed: int = 0,
+    always_train: Iterable[str] = (),
+    targets: str | Iterable[str] | None = None,
+    **options: Any,
+) -> Mask:
+    """The mask :func:`sparsetune.select` gives for the unsharded model on the global batches,
+    on every rank of the mesh of an FSDP2-sharded ``model`` (module docstring). Collective.
+
+    Options: the method's (``progress`` defaults to False and draws no bar); ``data`` is this
+    rank's part of each global batch.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    group = process_group(p for _, p in named)
+    if group is None:
+        raise InvalidArgumentError("select_sharded takes a model sharded with fully_shard")
+    options = {"progress": False, **options}
+
+    def check():
+        check_sharding(named, "select_distributed")
+        _refuse_unsupported(method, options)
+        checked = check_select(model, method, density, scope=scope, seed=seed,
+                               always_train=always_train, targets=targets, options=options)
+        if checked.config.needs_data and data is None:
+            raise InvalidArgumentError(f"method {method!r} needs data= (this rank's batches)")
+        return checked
+
+    checked = checked_on_every_rank(check, group)
+    config, always = checked.config, checked.always
+    if method in _SHAPES_ONLY:  # no value read: every rank draws the same mask
+        return checked_on_every_rank(lambda: config.build(
+            checked.model, density, scope, always, data=None, loss_fn=None, seed=seed,
+            targets=checked.targets), group)
+    params = dict(named)
+    if method == "magnitude":
+        scores = {n: local(p.detach()).abs() for n, p in params.items()}
+    else:
+        totals = _gradient_sums(model, params, loss_fn or transformers_loss, data,
+                                config.num_batches, config.max_grad_norm, config.square_each,
+                                group)
+        scores = config.scores_from_statistic(totals)
+    bad = [n for n, t in scores.items() if not bool(torch.isfinite(t).all())]
+    raise_on_every_rank(InvalidScoresError(
+        f"the {method} scores of {bad} have NaN or infinite entries on this rank's shards"
+    ) if bad else None, group)
+    return sharded_top_k(params, scores, density, scope, always, checked.targets, group)

@@ -1,0 +1,129 @@
+"""select_distributed on an FSDP2 model == one process's select: 2 and 4 gloo ranks on the CPU.
+
+Each rank scores its own shards of the tiny MLP (dim-0 sizes 5, 3, 1: uneven shards, empty
+ones) and the exact top-k is merged across ranks; for ``sam`` and ``child_pruning`` each rank
+feeds its rows of every global batch. Every supported method must give, on every rank, the mask
+(digest) of ``st.select`` on the unsharded model with the global batches; ties (a model of
+rounded weights) must go to the lowest global index, as in one process.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from fsdp_helpers import batch, init, make_model, outcome, rows, run_ranks, shard
+from torch import nn
+
+import sparsetune as st
+from sparsetune.integrations.distributed import select_distributed
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed/gloo"
+)
+
+HEAD = ["4.bias"]
+NUM_BATCHES = 3
+CASES = {  # name -> (method, density, options); data-driven methods get the batches
+    "random": ("random", 0.4, dict(seed=3, always_train=HEAD)),
+    "random_per_tensor": ("random", 0.4, dict(seed=5, scope="per_tensor")),
+    "random_targets": ("random", 0.2, dict(seed=1, targets=[r"^[02]\.weight$"])),
+    "bitfit": ("bitfit", None, {}),
+    "names": ("names", None, dict(include=r"^2\.", always_train=HEAD)),
+    "magnitude": ("magnitude", 0.3, dict(always_train=HEAD)),
+    "magnitude_per_tensor": ("magnitude", 0.5, dict(scope="per_tensor")),
+    "magnitude_targets": ("magnitude", 0.2, dict(targets=["0", "2"])),
+    "magnitude_ties": ("magnitude", 0.35, {}),
+    "sam": ("sam", 0.3, dict(always_train=HEAD, max_grad_norm=0.05)),
+    "sam_per_tensor": ("sam", 0.5, dict(scope="per_tensor", max_grad_norm=None)),
+    "child_pruning": ("child_pruning", 0.25, dict(num_batches=2)),
+}
+
+
+def loss_fn(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.mse_loss(model(data[0]), data[1])
+
+
+def case_model(case: str) -> nn.Module:
+    model = make_model()
+    if case == "magnitude_ties":  # few distinct magnitudes: many ties, across shards too
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((p * 4).round() / 4)
+    return model
+
+
+def data(rank: int | None = None, world: int = 1) -> list:
+    """The global batches (rank None) or rank ``rank``'s rows of each."""
+    steps = [batch(step) for step in range(NUM_BATCHES)]
+    if rank is None:
+        return steps
+    return [(x[rows(rank, world)], y[rows(rank, world)]) for x, y in steps]
+
+
+def _worker(rank: int, world: int, folder: str) -> None:
+    mesh = init(rank, world, folder)
+    out: dict = {}
+    for case, (method, density, options) in CASES.items():
+        model = shard(case_model(case), mesh)
+        before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        mask = select_distributed(model, method, density, data=data(rank, world),
+                                  loss_fn=loss_fn, **options)
+        out[case] = mask.digest()
+        after = {n: p.full_tensor() for n, p in model.named_parameters()}
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        assert all(p.grad is None for p in model.parameters()) and model.training
+    model = shard(make_model(), mesh)
+    out["lt_sft"] = outcome(lambda: select_distributed(model, "lt_sft", 0.3, data=data(rank, world),
+                                                      loss_fn=loss_fn))
+    out["warmup"] = outcome(lambda: select_distributed(
+        model, "sam", 0.3, data=data(rank, world), loss_fn=loss_fn, always_train=HEAD,
+        head_warmup_steps=2))
+    uneven = data(rank, world)[: 1 + (rank == world - 1)]  # the last rank has one more batch
+    out["uneven"] = outcome(lambda: select_distributed(model, "sam", 0.3, data=uneven,
+                                                      loss_fn=loss_fn))
+    out["no_data"] = outcome(lambda: select_distributed(model, "sam", 0.3, loss_fn=loss_fn))
+    out["after_errors"] = select_distributed(model, "magnitude", 0.3).digest()  # still in step
+    torch.save(out, f"{folder}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def ranks(request, tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp(f"fsdp2_select_{request.param}")
+    return run_ranks(_worker, request.param, folder)
+
+
+def _one_process(case: str) -> st.Mask:
+    method, density, options = CASES[case]
+    needs_data = method in ("sam", "child_pruning")
+    return st.select(case_model(case), method, density, progress=False,
+                     data=data() if needs_data else None,
+                     loss_fn=loss_fn if needs_data else None, **options)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_selection_equals_one_process(ranks, case):
+    expected = _one_process(case)
+    assert 0 < expected.num_trainable < expected.num_total + expected.num_always_trained
+    for out in ranks:
+        assert out[case] == expected.digest(), case
+
+
+def test_ties_go_to_the_lowest_global_index(ranks):
+    mask = _one_process("magnitude_ties")
+    scores = {n: p.detach().abs() for n, p in case_model("magnitude_ties").named_parameters()}
+    threshold = min(float(scores[n][mask[n]].min()) for n in mask if mask.count(n))
+    split = [n for n in mask if bool((scores[n][~mask[n]] == threshold).any())]
+    assert split  # the budget really cuts through a tie, which one process breaks by index
+
+
+def test_unsupported_and_bad_input_raise_on_every_rank(ranks):
+    for out in ranks:
+        assert out["lt_sft"].startswith("InvalidArgumentError: rank 0: select_distributed: "
+                                        "method 'lt_sft' is not supported on a sharded"), out
+        assert "head_warmup_steps=2 is not supported" in out["warmup"]
+        assert out["uneven"].startswith("InvalidArgumentError: rank 0: the ranks ran out of "
+                                        "batches at different steps")
+        assert out["no_data"].startswith("InvalidArgumentError: rank 0: method 'sam' needs data")
+        assert out["after_errors"] == ranks[0]["after_errors"]
