@@ -41,7 +41,30 @@ from ..mask import Mask
 from ..optim.sharded import check_sharding, is_sharded, local, process_group, shard_rows
 from ._ranks import checked_on_every_rank, raise_on_every_rank
 
-__all__ = ["extract_delta", "save_delta", "shard_span"]
+__all__ = ["TRAINER_FSDP_REFUSAL", "extract_delta", "refuse_trainer_fsdp", "save_delta",
+           "shard_span"]
+
+
+#: Why ``SparseTrainer`` refuses FSDP, and what to do instead.
+TRAINER_FSDP_REFUSAL = (
+    "SparseTrainer does not support FSDP: accelerate builds the optimizer on the unsharded model "
+    "and then swaps its parameters for fully_shard's DTensor shards, which SparseAdamW's compact "
+    "state (built from the mask for each full parameter) cannot follow; and on the CPU "
+    "accelerate 1.15 ignores FSDP and silently runs DDP. Train FSDP2 with plain torch instead "
+    "(README, 'FSDP2'): fully_shard the model, then sparsetune.integrations.distributed."
+    "select_distributed, sparsetune.SparseAdamW, your training loop, and sparsetune."
+    "integrations.fsdp.save_delta; or drop the fsdp arguments to train with DDP"
+)
+
+
+def refuse_trainer_fsdp(args: Any, enabled: bool = False) -> None:
+    """Raise :data:`TRAINER_FSDP_REFUSAL` if ``args`` (``TrainingArguments`` or None) ask for
+    FSDP, ``accelerate launch`` does (``ACCELERATE_USE_FSDP``), or ``enabled`` (the Trainer's
+    ``is_fsdp_enabled``). Reads no collective: every rank raises the same error."""
+    asked = bool(getattr(args, "fsdp", None)) or getattr(args, "fsdp_plugin_args", None)
+    launched = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if enabled or asked or launched:
+        raise InvalidArgumentError(TRAINER_FSDP_REFUSAL)
 
 
 def shard_span(param: Tensor) -> tuple[int, int]:

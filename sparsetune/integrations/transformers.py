@@ -69,6 +69,7 @@ from ..optim.freezing import apply_freezing
 from ..select import method_info, select
 from ..sparse_grad import SparseGradients, prepare
 from ._deps import require
+from .fsdp import refuse_trainer_fsdp
 
 require("transformers", "transformers==5.23.0", "sparsetune.integrations.transformers")
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
@@ -208,10 +209,10 @@ class SparseTrainer(Trainer):
             selected entry have ``requires_grad`` off during ``train()`` (restored after).
         *args, **kwargs: as for ``Trainer``; ``optimizers`` may carry a scheduler only.
 
-    Not supported (refused at construction): ``model_init``, DeepSpeed, FSDP,
-    ``TrainingArguments.optim`` other than ``adamw_torch``/``adamw_torch_fused``, and
-    ``sparse_gradients=True`` with more than one process or GPU (DDP does not reduce sparse
-    COO gradients; DataParallel replicas would share the original modules' forwards).
+    Not supported (refused at construction): ``model_init``, DeepSpeed, FSDP (use plain-torch
+    FSDP2: :data:`~sparsetune.integrations.fsdp.TRAINER_FSDP_REFUSAL`), ``optim`` other than
+    ``adamw_torch``/``adamw_torch_fused``, ``sparse_gradients=True`` over several processes or
+    GPUs (DDP does not reduce sparse COO gradients; DataParallel replicas share the forwards).
     """
 
     def __init__(
@@ -262,6 +263,7 @@ class SparseTrainer(Trainer):
                 "SparseTrainer does not take optimizer_cls_and_kwargs or model_init: it builds "
                 "SparseAdamW over the model it is given"
             )
+        refuse_trainer_fsdp(args[1] if len(args) > 1 else kwargs.get("args"))  # before accelerate
         super().__init__(*args, **kwargs)
         optim = str(getattr(self.args.optim, "value", self.args.optim))
         if optim not in _ADAMW or self.args.optim_args:
@@ -270,9 +272,10 @@ class SparseTrainer(Trainer):
                 f"{list(_ADAMW)} without optim_args, got optim={optim!r}, "
                 f"optim_args={self.args.optim_args!r}"
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        refuse_trainer_fsdp(self.args, self.is_fsdp_enabled)
+        if self.is_deepspeed_enabled:
             raise InvalidArgumentError(
-                "SparseTrainer does not support DeepSpeed or FSDP (sharded parameters); use DDP"
+                "SparseTrainer does not support DeepSpeed (sharded parameters); use DDP"
             )
         if sparse_gradients:
             _check_single_process(self.args)
