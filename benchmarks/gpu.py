@@ -189,6 +189,18 @@ def row_st_global_prepare(ctx: dict) -> dict[str, Any]:
     return _sparsetune_row(ctx, None, sparse_grads=True)
 
 
+def row_st_qv_attach(ctx: dict) -> dict[str, Any]:
+    """Delta modules (issue 24): the q/v mask attached over the frozen base, fp32 values,
+    torch AdamW(fused) over ``handle.parameters()``, as LoRA is trained."""
+    model = build_model(ctx["shapes"], ctx["device"], ctx["dtype"])
+    density = lora_count(model) / sum(p.numel() for p in model.parameters())
+    mask = st.select(model, "random", density, targets=QV, progress=False)
+    handle = st.attach(model, mask, name="task")
+    opt = _torch_adamw(list(handle.parameters()), ctx["device"])
+    return {"trained": handle.num_values,
+            **measure(model, opt, ctx["batch"], ctx["device"], *ctx["n"])}
+
+
 def _optimizer_row(ctx: dict, kind: str) -> dict[str, Any]:
     """The optimizer step alone on the float32 model, dense gradients present."""
     model = build_model(ctx["shapes"], ctx["device"], torch.float32)
@@ -228,6 +240,8 @@ ROWS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "st_qv_dense_unfrozen": ("the same, freeze_unselected=False (every tensor gets a grad)",
                              row_st_qv_dense_unfrozen),
     "st_qv_prepare": ("sparsetune, q/v mask + prepare (sparse grads)", row_st_qv_prepare),
+    "st_qv_attach": ("sparsetune st.attach q/v delta over the frozen base, AdamW(fused)",
+                     row_st_qv_attach),
     "st_global_prepare": ("sparsetune, global mask + prepare (sparse grads)",
                           row_st_global_prepare),
     "opt_fused": ("optimizer step alone, fp32: torch AdamW(fused)", row_opt_fused),
