@@ -2,9 +2,10 @@
 
 Each rank scores its own shards of the tiny MLP (dim-0 sizes 5, 3, 1: uneven shards, empty
 ones) and the exact top-k is merged across ranks; for ``sam`` and ``child_pruning`` each rank
-feeds its rows of every global batch. Every supported method must give, on every rank, the mask
-(digest) of ``st.select`` on the unsharded model with the global batches; ties (a model of
-rounded weights) must go to the lowest global index, as in one process.
+feeds its rows of every global batch (the burn-in methods: test_fsdp2_burn_in.py). Every
+supported method must give, on every rank, the mask (digest) of ``st.select`` on the unsharded
+model with the global batches; ties (a model of rounded weights) must go to the lowest global
+index, as in one process.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
         assert all(torch.equal(before[n], after[n]) for n in before)
         assert all(p.grad is None for p in model.parameters()) and model.training
     model = shard(make_model(), mesh)
-    out["lt_sft"] = outcome(lambda: select_distributed(model, "lt_sft", 0.3, data=data(rank, world),
-                                                      loss_fn=loss_fn))
+    out["diff_pruning"] = outcome(lambda: select_distributed(
+        model, "diff_pruning", 0.3, data=data(rank, world), loss_fn=loss_fn))
     out["warmup"] = outcome(lambda: select_distributed(
         model, "sam", 0.3, data=data(rank, world), loss_fn=loss_fn, always_train=HEAD,
         head_warmup_steps=2))
@@ -120,8 +121,9 @@ def test_ties_go_to_the_lowest_global_index(ranks):
 
 def test_unsupported_and_bad_input_raise_on_every_rank(ranks):
     for out in ranks:
-        assert out["lt_sft"].startswith("InvalidArgumentError: rank 0: select_distributed: "
-                                        "method 'lt_sft' is not supported on a sharded"), out
+        assert out["diff_pruning"].startswith(
+            "InvalidArgumentError: rank 0: select_distributed: method 'diff_pruning' is not "
+            "supported on a sharded (FSDP2) model yet: it trains gates"), out
         assert "head_warmup_steps=2 is not supported" in out["warmup"]
         assert out["uneven"].startswith("InvalidArgumentError: rank 0: the ranks ran out of "
                                         "batches at different steps")

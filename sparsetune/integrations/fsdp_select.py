@@ -18,10 +18,15 @@ full parameter:
   (parameter order, then global flat index); the candidates of all ranks are all-gathered
   (at most ``world * k`` of them) and merged in that order, ties going to the lowest position,
   exactly as one process breaks them.
+* ``lt_sft`` and ``magnitude`` with ``burn_in_steps`` first fine-tune the sharded model on
+  the global batches (:func:`~sparsetune.integrations.fsdp_burn_in.sharded_burned_in`: AdamW
+  on each rank's shards, the one-process update of those entries), score each rank's shards
+  (|theta_T - theta0| or |theta_T|) and merge the top-k as above; then the shards are put back
+  bit for bit.
 
-Methods that train the model while selecting (``lt_sft``, ``diff_pruning``, ``magnitude`` with
-``burn_in_steps``, a head warm-up) or need curvature (``sam_curvature``) and registered
-methods (``lora``, ``adapter``) raise a clear error. Collective over the model's mesh.
+``diff_pruning``, ``sam_curvature``, a head warm-up (``head_warmup_steps``) and registered
+methods (``lora``, ``adapter``) raise a clear error naming the reason. Collective over the
+model's mesh.
 """
 
 from __future__ import annotations
@@ -39,14 +44,15 @@ from .._topk import SLICE, StreamingTopK, budget_size, check_budget
 from ..errors import InvalidArgumentError, InvalidScoresError
 from ..mask import Mask
 from ..optim.sharded import check_sharding, local, process_group
-from ..select import check_select
+from ..select import check_select, method_spec
 from ._ranks import checked_on_every_rank, raise_on_every_rank
 from .fsdp import shard_span
+from .fsdp_burn_in import sharded_burned_in
 
 __all__ = ["SHARDED_METHODS", "select_sharded"]
 
 #: The methods :func:`select_sharded` supports.
-SHARDED_METHODS = ("random", "bitfit", "names", "magnitude", "sam", "child_pruning")
+SHARDED_METHODS = ("random", "bitfit", "names", "magnitude", "sam", "child_pruning", "lt_sft")
 _SHAPES_ONLY = ("random", "bitfit", "names")
 _GRADIENT_SUMS = ("sam", "child_pruning")
 
@@ -57,24 +63,34 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
+_WHY_NOT = {
+    "sam_curvature": "its Hessian-diagonal estimate (torch.func over functional_call) needs "
+                     "every full parameter in one process",
+    "diff_pruning": "it trains gates and diffs over the full parameters through "
+                    "torch.func.functional_call, which bypasses FSDP2's all-gather and "
+                    "reduce-scatter hooks",
+}
+
+
 def _refuse_unsupported(method: str, options: Mapping[str, Any]) -> None:
+    spec = method_spec(method)  # an unknown name: the usual error listing the methods
+    spec.refuse_if_per_step()
     if method not in SHARDED_METHODS:
-        why = {
-            "sam_curvature": "its Hessian-diagonal estimate runs torch.func on full parameters",
-            "lt_sft": "it fine-tunes the full model while selecting",
-            "diff_pruning": "it trains gates over the full model while selecting",
-        }.get(method, "it is computed from full parameters")
+        why = _WHY_NOT.get(method, f"{method!r} is a registered method, whose builder reads "
+                                   f"the whole model in one process (its parameters would be "
+                                   f"this rank's shards)")
         raise InvalidArgumentError(
             f"select_distributed: method {method!r} is not supported on a sharded (FSDP2) model "
             f"yet: {why}; supported: {list(SHARDED_METHODS)}, or select on the unsharded model "
             f"and pass the mask on"
         )
-    for option in ("burn_in_steps", "head_warmup_steps"):
-        if options.get(option):
-            raise InvalidArgumentError(
-                f"select_distributed: {option}={options[option]!r} is not supported on a "
-                f"sharded (FSDP2) model yet (it trains the model while selecting); pass 0"
-            )
+    if options.get("head_warmup_steps"):
+        raise InvalidArgumentError(
+            f"select_distributed: head_warmup_steps={options['head_warmup_steps']!r} is not "
+            f"supported on a sharded (FSDP2) model yet: the warm-up trains the always_train "
+            f"head alone with torch.autograd.grad of those parameters, which bypasses FSDP2's "
+            f"gradient reduce-scatter; pass 0"
+        )
 
 
 def _gradient_sums(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossFn,
@@ -249,6 +265,16 @@ def select_sharded(
             checked.model, density, scope, always, data=None, loss_fn=None, seed=seed,
             targets=checked.targets), group)
     params = dict(named)
+    steps = config.steps if method == "lt_sft" else getattr(config, "burn_in_steps", 0)
+    if steps:
+        with sharded_burned_in(model, params, loss_fn or transformers_loss, data, steps=steps,
+                               lr=config.lr, seed=seed, device=_device(group),
+                               group=group) as initial:
+            if method == "lt_sft":
+                scores = {n: (local(p.detach()) - initial[n]).abs() for n, p in params.items()}
+            else:
+                scores = {n: local(p.detach()).abs() for n, p in params.items()}
+            return _top_k(method, params, scores, density, scope, always, checked.targets, group)
     if method == "magnitude":
         scores = {n: local(p.detach()).abs() for n, p in params.items()}
     else:
@@ -256,8 +282,15 @@ def select_sharded(
                                 config.num_batches, config.max_grad_norm, config.square_each,
                                 group)
         scores = config.scores_from_statistic(totals)
+    return _top_k(method, params, scores, density, scope, always, checked.targets, group)
+
+
+def _top_k(method: str, params: Mapping[str, Tensor], scores: Mapping[str, Tensor],
+           density: float, scope: str, always: list[str], targets: list[str] | None,
+           group: Any) -> Mask:
+    """:func:`sharded_top_k` of finite ``scores`` (else the same error on every rank)."""
     bad = [n for n, t in scores.items() if not bool(torch.isfinite(t).all())]
     raise_on_every_rank(InvalidScoresError(
         f"the {method} scores of {bad} have NaN or infinite entries on this rank's shards"
     ) if bad else None, group)
-    return sharded_top_k(params, scores, density, scope, always, checked.targets, group)
+    return sharded_top_k(params, scores, density, scope, always, targets, group)
