@@ -351,11 +351,11 @@ class SparseTrainer(Trainer):
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
-            for p, flag in flags:  # the optimizer froze unselected parameters meanwhile
-                p.requires_grad_(flag)
             if self._sparse_gradients_handle is not None:
                 self._sparse_gradients_handle.remove()  # the model is left as it was
                 self._sparse_gradients_handle = None
+            for p, flag in flags:  # last: the optimizer froze unselected parameters meanwhile
+                p.requires_grad_(flag)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..sparse_grad import selected_gradient
-from .selection import Selection
+from .selection import Selection, write_selected
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -218,7 +218,7 @@ class FlatGroup:
     def scatter_values(self, values: Tensor) -> None:
         """Write ``values`` (in the parameters' dtype) into the selected entries."""
         if self._packed():
-            self.weights.index_put_((self.index,), values)
+            write_selected(self.weights, self.index, values)
             return
         for p, sel, part in zip(self.params, self.selections, self.slices):
             sel.scatter_(p, values[part])
