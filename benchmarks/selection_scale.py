@@ -7,8 +7,9 @@ built, then a sampling thread records the process's resident memory (``/proc/sel
 every 2 ms) or the CUDA allocator's peak while ``select`` runs; the extra peak over the
 memory held before the call is reported as a multiple of the model's bytes, next to the
 targets (0.25x for random, magnitude, bitfit, names and targets; 2.25x for sam, child_pruning
-and lt_sft, the last with 2 burn-in steps). The time is that of a second call, without the
-sampling thread.
+and lt_sft, the last with 2 burn-in steps; ``lt_sft:disk`` is lt_sft with ``offload="disk"``,
+theta0 and AdamW's moments in a temporary file, the same mask). The time is that of a second
+call, without the sampling thread.
 
     python benchmarks/selection_scale.py [--sizes 50m 350m] [--methods ...] [--label after]
 
@@ -34,8 +35,11 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate (vocabulary 32,000)
     "350m": (1024, 20, 16, 16, 2816),
     "1.1b": (2048, 22, 32, 4, 5632),
 }
-METHODS = ["random", "magnitude", "bitfit", "names", "targets", "sam", "child_pruning", "lt_sft"]
-TARGET = {"sam": 2.25, "child_pruning": 2.25, "lt_sft": 2.25}  # every other method: 0.25
+METHODS = ["random", "magnitude", "bitfit", "names", "targets", "sam", "child_pruning", "lt_sft",
+           "lt_sft:disk"]
+# every other method: 0.25; "lt_sft:disk" is lt_sft with offload="disk" (theta0 and AdamW's
+# moments in a temporary file: the same mask)
+TARGET = {"sam": 2.25, "child_pruning": 2.25, "lt_sft": 2.25, "lt_sft:disk": 2.25}
 DENSITY = 0.005
 
 
@@ -86,6 +90,9 @@ def _child(size: str, method: str, device: str) -> dict:
         kwargs = {**kwargs, "data": batches, "loss_fn": loss, "num_batches": 2}
     elif method == "lt_sft":  # 2 AdamW burn-in steps: enough for the optimizer state to exist
         kwargs = {**kwargs, "data": batches, "loss_fn": loss, "steps": 2}
+    elif method == "lt_sft:disk":
+        name = "lt_sft"
+        kwargs = {**kwargs, "data": batches, "loss_fn": loss, "steps": 2, "offload": "disk"}
     import gc
 
     gc.collect()

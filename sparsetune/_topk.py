@@ -128,7 +128,8 @@ class LazyScores(Mapping[str, Tensor]):
     tensor's scores one slice of its flat entries at a time; the scores are taken to have
     the parameters' dtypes. With ``reference`` (``name -> tensor`` shaped like each
     parameter), the scores are ``score(p, reference[name])``, slice against slice: e.g.
-    |theta - theta0| without a tensor of differences.
+    |theta - theta0| without a tensor of differences. ``reference[name]`` is read each time
+    a tensor is scored (it may load the tensor from elsewhere, e.g. a burn-in's offload file).
     """
 
     def __init__(
@@ -138,7 +139,10 @@ class LazyScores(Mapping[str, Tensor]):
         reference: Mapping[str, Tensor] | None = None,
     ) -> None:
         self._params, self._score = dict(params), score
-        self._reference = None if reference is None else {n: reference[n] for n in self._params}
+        if reference is not None and set(self._params) - set(reference):
+            missing = sorted(set(self._params) - set(reference))
+            raise KeyError(f"LazyScores: no reference for {missing}")
+        self._reference = reference
 
     def _args(self, name: str) -> list[Tensor]:
         args = [self._params[name].detach()]

@@ -124,7 +124,9 @@ def select(
         options: method options, the fields of the method's config class
             (:func:`method_spec`), all checked before any work (``num_batches``,
             ``max_grad_norm``, ``steps``, ``lr``, ``burn_in_steps``, ``include``, ``exclude``,
-            ``l0_weight``, ``init_log_alpha``, ``progress``; for ``sam_curvature``
+            ``l0_weight``, ``init_log_alpha``, ``progress``; for ``lt_sft`` and ``magnitude``
+            with a burn-in also ``offload`` (None, ``"cpu"``, ``"disk"``: where the burn-in
+            keeps theta0 and AdamW's moments, same mask); for ``sam_curvature``
             also ``curvature_method``, ``num_samples``, ``curvature_data``, ``curvature``,
             ``floor``, ``floor_fraction``: see :func:`sparsetune.select.sam_curvature_scores`;
             for ``sam`` and ``sam_curvature`` also ``head_warmup_steps`` (default 0) and

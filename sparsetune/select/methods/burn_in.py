@@ -8,13 +8,19 @@ it (1x the trained parameters' bytes), and AdamW's two moments in the parameters
 freed before the burned-in model is read; no gradient of the whole model is held at once, since
 each parameter takes its AdamW step inside backward as soon as its gradient is complete, and the
 gradient is then dropped. So about 3x the model's bytes plus what one forward and backward hold:
-the floor of exact AdamW fine-tuning that leaves the model as it found it.
+the floor of exact AdamW fine-tuning that keeps its state in memory and leaves the model as it
+found it. ``offload="cpu"`` moves theta0 and the moments to host memory (a model on a GPU then
+adds only a forward and backward's worth of device memory); ``offload="disk"`` to a temporary
+file, read and written one parameter at a time (then about 1x the largest parameter plus a
+forward and backward's worth; benchmarks/selection_scale.py measures it). Same values either way.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Collection, Iterable, Iterator
+import os
+import tempfile
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -25,7 +31,19 @@ from ..._loss import LossFn, batches, restoring
 from ...errors import InvalidArgumentError
 from .._data import trainable
 
-__all__ = ["after_head_warmup", "burned_in", "finetuned_values"]
+__all__ = ["OFFLOADS", "after_head_warmup", "burned_in", "check_offload", "finetuned_values"]
+
+#: Where a burn-in may keep theta0 and AdamW's moments (see :func:`burned_in`).
+OFFLOADS = (None, "cpu", "disk")
+
+
+def check_offload(offload: object) -> None:
+    """Raise unless ``offload`` is one of :data:`OFFLOADS`."""
+    if offload not in OFFLOADS:
+        raise InvalidArgumentError(
+            f"offload must be one of None, 'cpu', 'disk' (where the burn-in keeps theta0 and "
+            f"AdamW's moments), got {offload!r}"
+        )
 
 
 def _trained(model: nn.Module, only: Collection[str] | None) -> list[tuple[str, nn.Parameter]]:
@@ -42,19 +60,84 @@ def _trained(model: nn.Module, only: Collection[str] | None) -> list[tuple[str, 
     return [(n, p) for n, p in named if n in wanted]
 
 
+class _Store:
+    """Where the burn-in keeps theta0 and AdamW's moments between uses (``offload``).
+
+    ``None``: on the parameters' device, as they are (no copy made here). ``"cpu"``: in host
+    memory (for a model on an accelerator: no device memory). ``"disk"``: in one temporary file
+    (unlinked at creation, so nothing is left behind even on a crash), written and read back
+    tensor by tensor: neither host nor device memory holds them. :meth:`get` gives a tensor on
+    ``device`` (a new one, except with ``None``), :meth:`put` stores a tensor (a copy, except
+    with ``None``).
+    """
+
+    def __init__(self, offload: str | None) -> None:
+        check_offload(offload)
+        self.offload = offload
+        self._held: dict[Hashable, Tensor] = {}
+        self._where: dict[Hashable, tuple[int, torch.Size, torch.dtype]] = {}
+        self._file = None
+        if offload == "disk":  # closed by close(), which every user calls in a finally
+            self._file = tempfile.TemporaryFile(prefix="sparsetune-burn-in-")  # noqa: SIM115
+        self._end = 0
+
+    def put(self, key: Hashable, tensor: Tensor) -> None:
+        tensor = tensor.detach()
+        if self._file is None:
+            self._held[key] = tensor if self.offload is None else tensor.to("cpu", copy=True)
+            return
+        flat = tensor.reshape(-1).contiguous().cpu().view(torch.uint8)
+        where = self._where.get(key)
+        if where is None or where[1] != tensor.shape or where[2] != tensor.dtype:
+            where = (self._end, tensor.shape, tensor.dtype)
+            self._end += flat.numel()
+            self._where[key] = where
+        view, offset = memoryview(flat.numpy()), where[0]
+        while len(view):
+            written = os.pwrite(self._file.fileno(), view, offset)
+            view, offset = view[written:], offset + written
+
+    def get(self, key: Hashable, device: torch.device) -> Tensor:
+        if self._file is None:
+            return self._held[key].to(device)
+        offset, shape, dtype = self._where[key]
+        out = torch.empty(shape, dtype=dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        while len(view):
+            read = os.preadv(self._file.fileno(), [view], offset)
+            if read <= 0:
+                raise OSError(f"the burn-in's offload file ended early at byte {offset}")
+            view, offset = view[read:], offset + read
+        return out.to(device)
+
+    def close(self) -> None:
+        self._held.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class _StepInBackward:
     """One AdamW per parameter, stepped by a post-accumulate-grad hook the moment backward has
     completed that parameter's gradient, which is then dropped (torch's "optimizer step in
     backward"). AdamW updates each parameter from its own gradient and state alone, so this is
     the update of one AdamW over all of them, bit for bit. A gradient completed twice in one
     backward (a weight shared by reentrant checkpointed segments) would be stepped on part of
-    its sum: that raises rather than train on it."""
+    its sum: that raises rather than train on it.
 
-    def __init__(self, params: list[Tensor], lr: float) -> None:
+    With a ``store`` that offloads, each parameter's two moments are fetched from it just
+    before its step and put back just after, so only one parameter's moments are held at a
+    time. ``hooks=False``: no hooks, :meth:`step` is called for every parameter after backward.
+    """
+
+    def __init__(self, params: list[Tensor], lr: float, store: _Store | None = None,
+                 hooks: bool = True) -> None:
+        self.params = params
         self.opts = [torch.optim.AdamW([p], lr=lr, weight_decay=0.0) for p in params]
+        self.store = store if store is not None and store.offload is not None else None
         self.stepped: set[int] = set()
         self.handles = [p.register_post_accumulate_grad_hook(self._hook(i))
-                        for i, p in enumerate(params)]
+                        for i, p in enumerate(params)] if hooks else []
 
     def _hook(self, i: int) -> Callable[[Tensor], None]:
         def step(param: Tensor) -> None:
@@ -66,9 +149,22 @@ class _StepInBackward:
                     "checkpointing for selection, or use non-reentrant checkpointing"
                 )
             self.stepped.add(i)
-            self.opts[i].step()
-            param.grad = None
+            self.step(i)
         return step
+
+    def step(self, i: int) -> None:
+        """AdamW's step of parameter ``i`` from its ``.grad``, which is then dropped."""
+        param, opt = self.params[i], self.opts[i]
+        state = opt.state[param]
+        if self.store is not None and state:  # AdamW creates the moments at the first step
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = self.store.get((key, i), param.device)
+        if param.grad is not None:
+            opt.step()
+        if self.store is not None and state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                self.store.put((key, i), state.pop(key))
+        param.grad = None
 
     def close(self) -> None:
         for handle in self.handles:
@@ -76,6 +172,22 @@ class _StepInBackward:
         for opt in self.opts:
             opt.state.clear()
         self.opts = []
+
+
+class _StoredValues(Mapping[str, Tensor]):
+    """``name -> theta0`` read from a :class:`_Store` on each access (a new tensor each time)."""
+
+    def __init__(self, store: _Store, named: list[tuple[str, Tensor]]) -> None:
+        self._store, self._devices = store, {n: p.device for n, p in named}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._store.get(("theta0", name), self._devices[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._devices)
+
+    def __len__(self) -> int:
+        return len(self._devices)
 
 
 def _in_backward(model: nn.Module, params: list[Tensor], only: Collection[str] | None) -> bool:
@@ -87,28 +199,34 @@ def _in_backward(model: nn.Module, params: list[Tensor], only: Collection[str] |
     return only is None and len(kinds) == 1 and not checkpointing
 
 
-def _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only) -> None:
+def _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store) -> None:
     in_backward = _in_backward(model, params, only)
-    fused = _StepInBackward(params, lr) if in_backward else None
-    opt = None if in_backward else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    per_param = in_backward or store.offload is not None
+    fused = _StepInBackward(params, lr, store, hooks=in_backward) if per_param else None
+    opt = None if per_param else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     done = 0
     try:
         while done < steps:
             before = done
             for batch in batches(data, "fine-tuning burn-in", progress, limit=steps - done):
-                if fused is not None:
+                if in_backward:
                     fused.stepped.clear()
                     loss_fn(model, batch).backward()  # each parameter steps as its grad lands
                     done += 1
                     continue
-                opt.zero_grad(set_to_none=True)
+                for p in params:
+                    p.grad = None
                 if only is None:
                     loss_fn(model, batch).backward()
                 else:  # gradients of the trained parameters only (no pass through the rest)
                     grads = torch.autograd.grad(loss_fn(model, batch), params)
                     for p, g in zip(params, grads):
                         p.grad = g
-                opt.step()
+                if fused is not None:  # offloaded moments: one parameter at a time
+                    for i in range(len(params)):
+                        fused.step(i)
+                else:
+                    opt.step()
                 done += 1
             if done == before:
                 raise InvalidArgumentError("data yielded no batch for the fine-tuning burn-in")
@@ -132,7 +250,8 @@ def burned_in(
     seed: int = 0,
     progress: bool = False,
     only: Collection[str] | None = None,
-) -> Iterator[dict[str, Tensor]]:
+    offload: str | None = None,
+) -> Iterator[Mapping[str, Tensor]]:
     """Inside the ``with``: ``model`` after ``steps`` of AdamW fine-tuning; restored on exit.
 
     Yields ``name -> theta0``, the trained parameters' values before the burn-in (the copy that
@@ -142,17 +261,48 @@ def burned_in(
     those alone, in one AdamW step after backward). Cycles over ``data`` if it runs out (when it
     can be iterated again). Dropout draws come from a private generator seeded by ``seed``;
     the caller's RNG state is untouched. Memory: see the module's docstring.
+
+    ``offload``: where theta0 and the two AdamW moments are kept: ``None`` (beside the
+    parameters), ``"cpu"`` (host memory: for a model on a GPU, the burn-in then adds only
+    what one forward and backward hold to its device memory) or ``"disk"`` (one temporary
+    file, unlinked from the start: theta0 written once and read back tensor by tensor, each
+    parameter's moments read and written around its step). The trained values, and so the
+    scores and the mask, are the same bit for bit; only where the bytes live (and the time
+    the copies take) differs.
     """
     check_int("steps", steps)
     if not lr > 0:
         raise InvalidArgumentError(f"lr must be > 0, got lr={lr!r}")
     named = _trained(model, only)
     params = [p for _, p in named]
-    with restoring(model) as saved, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model.train()
-        _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only)
-        yield {n: saved(p) for n, p in named}
+    store = _Store(offload)
+    if offload is None:
+        try:
+            with restoring(model) as saved, torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model.train()
+                _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store)
+                yield {n: saved(p) for n, p in named}
+        finally:
+            store.close()
+        return
+    # theta0 of the trained parameters goes to the store (the others are not written here);
+    # restoring() keeps modes, flags, buffers and gradients.
+    try:
+        with restoring(model, parameters=False), torch.random.fork_rng(devices=[]):
+            for n, p in named:
+                store.put(("theta0", n), p)
+            try:
+                torch.manual_seed(seed)
+                model.train()
+                _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store)
+                yield _StoredValues(store, named)
+            finally:
+                with torch.no_grad():
+                    for n, p in named:
+                        p.copy_(store.get(("theta0", n), p.device))
+    finally:
+        store.close()
 
 
 def finetuned_values(
@@ -165,15 +315,16 @@ def finetuned_values(
     seed: int = 0,
     progress: bool = False,
     only: Collection[str] | None = None,
+    offload: str | None = None,
 ) -> dict[str, Tensor]:
     """Parameter values after ``steps`` of AdamW fine-tuning (a copy); the model is restored.
 
     Every trainable parameter is trained, or only those named in ``only`` (e.g. the task head:
     a linear probe; the others then stay fixed and only ``only``'s values are returned); see
-    :func:`burned_in`, which reads them without the copy.
+    :func:`burned_in`, which reads them without the copy, and for ``offload``.
     """
     with burned_in(model, loss_fn, data, steps=steps, lr=lr, seed=seed, progress=progress,
-                   only=only) as initial:
+                   only=only, offload=offload) as initial:
         return {n: p.detach().clone() for n, p in trainable(model) if n in initial}
 
 

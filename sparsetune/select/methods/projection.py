@@ -23,7 +23,7 @@ from ...errors import InvalidArgumentError
 from ...mask import Mask
 from .._data import trainable
 from .base import MethodConfig, check_flag
-from .burn_in import burned_in
+from .burn_in import burned_in, check_offload
 from .sam import GradientSumConfig, accumulated_gradient
 
 __all__ = [
@@ -57,10 +57,12 @@ def lt_sft_scores(
     lr: float = 1e-4,
     seed: int = 0,
     progress: bool = False,
+    offload: str | None = None,
 ) -> dict[str, Tensor]:
-    """LT-SFT-style: |theta_after - theta0| after ``steps`` of full fine-tuning."""
+    """LT-SFT-style: |theta_after - theta0| after ``steps`` of full fine-tuning (``offload``:
+    where the burn-in keeps theta0 and AdamW's moments, see :func:`burned_in`)."""
     with burned_in(model, loss_fn, data, steps=steps, lr=lr, seed=seed,
-                   progress=progress) as initial:
+                   progress=progress, offload=offload) as initial:
         return {n: _distance(p.detach(), initial[n]) for n, p in trainable(model)}
 
 
@@ -159,11 +161,14 @@ class ChildPruningConfig(GradientSumConfig):
 class LtSftConfig(MethodConfig):
     """``lt_sft``: full fine-tuning for ``steps`` AdamW steps at ``lr``, keep the most changed
     entries, reset the model. The top k reads |theta - theta0| slice by slice from the trained
-    model and the copy that restores it (:func:`burned_in`), so the scores are never stored."""
+    model and the copy that restores it (:func:`burned_in`), so the scores are never stored.
+    ``offload`` (None, ``"cpu"``, ``"disk"``): where the burn-in keeps theta0 and AdamW's
+    moments (:func:`burned_in`): off the model's device, or out of memory, for the same mask."""
 
     steps: int = 100
     lr: float = 1e-4
     progress: bool = True
+    offload: str | None = None
 
     name = "lt_sft"
     family = "projection"
@@ -177,10 +182,11 @@ class LtSftConfig(MethodConfig):
         check_int("steps", self.steps)
         check_positive("lr", self.lr)
         check_flag("progress", self.progress)
+        check_offload(self.offload)
 
     def build(self, model, density, scope, always_train, *, data, loss_fn, seed, targets):
         with burned_in(model, loss_fn, data, steps=self.steps, lr=self.lr, seed=seed,
-                       progress=self.progress) as initial:
+                       progress=self.progress, offload=self.offload) as initial:
             scores = LazyScores(dict(trainable(model)), _distance, initial)
             return Mask.top_k(scores, density, scope, always_train=always_train,
                               targets=targets, progress=self.progress)

@@ -22,7 +22,7 @@ from ...errors import InvalidArgumentError
 from ...mask import Mask
 from .._data import trainable
 from .base import MethodConfig
-from .burn_in import burned_in
+from .burn_in import burned_in, check_offload
 
 __all__ = [
     "BitfitConfig", "MagnitudeConfig", "NamesConfig", "RandomConfig", "bitfit_mask",
@@ -244,11 +244,13 @@ class NamesConfig(MethodConfig):
 class MagnitudeConfig(MethodConfig):
     """``magnitude``: largest |theta|, optionally after ``burn_in_steps`` of full fine-tuning
     at ``lr`` (the model is reset afterwards; then it needs data); ``progress``: bars over the
-    burn-in batches and the tensors scored and merged."""
+    burn-in batches and the tensors scored and merged; ``offload``: where the burn-in keeps
+    theta0 and AdamW's moments (:func:`~sparsetune.select.methods.burn_in.burned_in`)."""
 
     burn_in_steps: int = 0
     lr: float = 1e-4
     progress: bool = True
+    offload: str | None = None
 
     name = "magnitude"
     family = "rule"
@@ -259,6 +261,12 @@ class MagnitudeConfig(MethodConfig):
         check_int("burn_in_steps", self.burn_in_steps, minimum=0)
         check_positive("lr", self.lr)
         check_flag("progress", self.progress)
+        check_offload(self.offload)
+        if self.offload is not None and not self.burn_in_steps:
+            raise InvalidArgumentError(
+                f"offload={self.offload!r} places the burn-in's state, but burn_in_steps=0 "
+                "runs no burn-in: drop offload or set burn_in_steps"
+            )
 
     @property
     def needs_data(self) -> bool:
@@ -269,7 +277,7 @@ class MagnitudeConfig(MethodConfig):
             if data is None:
                 raise InvalidArgumentError("magnitude with burn_in_steps > 0 needs data=")
             trained = burned_in(model, loss_fn, data, steps=self.burn_in_steps, lr=self.lr,
-                                seed=seed, progress=self.progress)
+                                seed=seed, progress=self.progress, offload=self.offload)
         else:
             trained = contextlib.nullcontext()
         with trained:  # |theta| read from the (burned-in) model itself, before any reset
