@@ -1,9 +1,14 @@
 """The flat fast path of the compact optimizers: one update per param group.
 
 ``impl="flat"`` (the default of SparseAdamW): the state of a group's selected entries (moments,
-masters, ...) lives in one flat buffer per key, so the update's arithmetic runs once per group;
-the selected values and gradients are gathered (and the values scattered back) parameter by
-parameter, so a step still costs O(number of tensors) small launches for those.
+masters, ...) lives in one flat buffer per key, so the update's arithmetic runs once per group.
+Where the pointer-table kernel can run for the group's device and dtype (CUDA with Triton
+installed; CPU only under ``TRITON_INTERPRET=1``, for tests; :data:`TABLE` overrides), the
+selected values, the dense gradients (every ``.grad`` dense, contiguous, of one dtype) and the
+write-back each cost one launch for the whole group (:class:`sparsetune.kernels.GatherTable`),
+so the step's launches do not grow with the number of tensors. Elsewhere (CPU, or gradients
+that are sparse, non-contiguous or of mixed dtypes) they are gathered and scattered parameter
+by parameter, O(number of tensors) small launches.
 
 ``impl="packed"`` (opt-in) goes further: O(1) launches per step. A param group's parameters
 with selected entries (one device, one dtype, contiguous) are laid
@@ -45,10 +50,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sparse_grad import selected_gradient
+from ..kernels import GatherTable, kernel_available
+from ..sparse_grad import plan_of, selected_gradient
 from .selection import Selection, write_selected
 
+__all__ = ["TABLE", "FlatGroup"]
+
 _INT32_LIMIT = 2**31 - 1
+
+#: Whether non-packed groups gather and scatter through a :class:`GatherTable` (one launch
+#: each): None (default) where :func:`sparsetune.kernels.kernel_available` holds for the
+#: group's device and dtype, True always (its torch twin where the kernel cannot run), False
+#: never (the per-parameter loops). Read when a group is built; ``FlatGroup(table=...)``
+#: overrides it for one group.
+TABLE: bool | None = None
 
 
 class FlatGroup:
@@ -57,7 +72,8 @@ class FlatGroup:
     ``state[p][key]`` for every key in ``keys`` becomes a view into one flat buffer, so the
     optimizer's arithmetic runs once per group instead of once per parameter, and per-parameter
     views keep ``state_dict()`` unchanged. See the module docstring for the parameters and
-    gradients. :meth:`close` removes the hooks (the parameters stay packed).
+    gradients. :meth:`close` removes the hooks (the parameters stay packed). ``table``: see
+    :data:`TABLE` (None: its value); ignored when packed.
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class FlatGroup:
         keys: list[str],
         state: Mapping[Tensor, dict[str, Any]],
         pack: bool = False,
+        table: bool | None = None,
     ) -> None:
         self.params = params
         self.pack = pack
@@ -87,8 +104,23 @@ class FlatGroup:
         self.grads: Tensor | None = None  # allocated at the first dense gradient (packed)
         self._grad_ptrs: list[int] = []
         self._handles: list[Any] = []
+        self.table: GatherTable | None = None
         if pack:
             self._pack(params, selections)
+        elif self._wants_table(table):
+            self.table = GatherTable(
+                [p.numel() for p in params],
+                [_local_index(sel, p.device) for p, sel in zip(params, selections)],
+                params[0].device,
+            )
+
+    def _wants_table(self, table: bool | None) -> bool:
+        """Whether the reads and writes go through a :class:`GatherTable` (see :data:`TABLE`)."""
+        table = TABLE if table is None else table
+        if table is not None:
+            return bool(table)
+        like = self.params[0]
+        return kernel_available(like.device.type, like.dtype)
 
     def _pack(self, params: list[Tensor], selections: list[Selection]) -> None:
         """Lay the parameters end to end in :attr:`weights` and hook their gradients."""
@@ -177,6 +209,27 @@ class FlatGroup:
         view.copy_(grad)
         p.grad = view
 
+    def _dense_gradients(self) -> list[Tensor] | None:
+        """Every parameter's ``.grad`` where all are dense, contiguous, of the first one's dtype
+        and of their parameter's shape and device (and none is in sparse-gradient mode, whose
+        dense-gradient warning :func:`selected_gradient` gives); None otherwise."""
+        grads = [p.grad for p in self.params]
+        first = grads[0]
+        if first is None:
+            return None
+        for p, grad in zip(self.params, grads):
+            if (
+                grad is None
+                or grad.layout != torch.strided
+                or grad.dtype != first.dtype
+                or grad.device != p.device
+                or grad.shape != p.shape
+                or not grad.is_contiguous()
+                or plan_of(p) is not None
+            ):
+                return None
+        return grads
+
     def _empty(self, dtype: torch.dtype | None = None) -> Tensor:
         like = self.params[0]
         return torch.empty(self.numel, dtype=dtype or like.dtype, device=like.device)
@@ -187,7 +240,12 @@ class FlatGroup:
 
         One ``index_select`` where every ``.grad`` is its view of :attr:`grads`; otherwise one
         per parameter (float32 for 16-bit parameters in sparse-gradient mode gives the values
-        accumulated in float32, see :func:`sparsetune.sparse_grad.selected_gradient`)."""
+        accumulated in float32, see :func:`sparsetune.sparse_grad.selected_gradient`). With a
+        :attr:`table` and dense gradients, one launch (cast in it where exact)."""
+        if self.table is not None:
+            grads = self._dense_gradients()
+            if grads is not None:
+                return self.table.gather(grads, self._empty(dtype))
         if self.grads is not None and all(
             p.grad is not None
             and not p.grad.is_sparse
@@ -207,6 +265,8 @@ class FlatGroup:
         """The parameters' current selected values, in their dtype (a new buffer)."""
         if self._packed():
             return self.weights.index_select(0, self.index)
+        if self.table is not None:
+            return self.table.gather(self.params, self._empty())
         values = self._empty()
         for p, sel, part in zip(self.params, self.selections, self.slices):
             if sel.index is None:
@@ -220,5 +280,16 @@ class FlatGroup:
         if self._packed():
             write_selected(self.weights, self.index, values)
             return
+        if self.table is not None:
+            self.table.scatter(self.params, values)
+            return
         for p, sel, part in zip(self.params, self.selections, self.slices):
             sel.scatter_(p, values[part])
+
+
+def _local_index(sel: Selection, device: torch.device) -> Tensor | None:
+    """The selection's local flat indices for a :class:`GatherTable`: None for every entry,
+    an empty index for none."""
+    if sel.kind == "none":
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return sel.index
