@@ -4,8 +4,10 @@ FSDP2 model == one process's select: 2 gloo ranks on the CPU.
 Each rank feeds its rows of every global batch; the sharded burn-in (AdamW on each rank's
 shards) must reach the parameters one process reaches on the global batches (float64, 1e-12),
 the mask must be the one-process mask (digest) on every rank, and afterwards every rank's
-shards must be bit-identical to before, with no gradient and no optimizer left behind. Bad
-data (ranks running out at different steps, a one-shot iterator read twice) and the methods
+shards must be bit-identical to before, with no gradient and no optimizer left behind. With
+``offload`` ("cpu", "disk": theta0 and AdamW's moments of the local shards in the burn-in's
+store) the trained shards and the mask must be bit-identical to those without. Bad data (ranks
+running out at different steps, a one-shot iterator read twice), a bad offload and the methods
 still refused raise one error on every rank, and the ranks stay in step. The tiny Llama of
 test_fsdp2_models.py (marked slow) checks the same masks and restore on a real model.
 """
@@ -43,7 +45,14 @@ CASES = {  # name -> (method, density, options)
     "magnitude_burn_in": ("magnitude", 0.3, dict(always_train=HEAD, burn_in_steps=4, lr=3e-2)),
     "magnitude_burn_in_per_tensor": ("magnitude", 0.4, dict(scope="per_tensor", burn_in_steps=2,
                                                             lr=0.1)),
+    # offload: theta0 and AdamW's moments of the local shards off the shards (same mask)
+    "lt_sft_disk": ("lt_sft", 0.3, dict(always_train=HEAD, offload="disk", **BURN_IN)),
+    "lt_sft_cpu": ("lt_sft", 0.3, dict(always_train=HEAD, offload="cpu", **BURN_IN)),
+    "magnitude_burn_in_disk": ("magnitude", 0.3, dict(always_train=HEAD, burn_in_steps=4,
+                                                      lr=3e-2, offload="disk")),
 }
+OFFLOADED = {"lt_sft_disk": "lt_sft", "lt_sft_cpu": "lt_sft",
+             "magnitude_burn_in_disk": "magnitude_burn_in"}  # -> the same case without offload
 
 
 def loss_fn(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -94,6 +103,17 @@ def _worker(rank: int, world: int, folder: str) -> None:
                            **BURN_IN) as initial:
         out["burned_in"] = {n: p.full_tensor().detach().clone() for n, p in params.items()}
         out["theta0_is_local"] = all(torch.equal(initial[n], before[n]) for n in params)
+    for offload in ("cpu", "disk"):  # the same trained shards, bit for bit, and theta0
+        with sharded_burned_in(model, params, loss_fn, data(rank, world), seed=0,
+                               device=torch.device("cpu"), group=process_group(params.values()),
+                               offload=offload, **BURN_IN) as initial:
+            out[f"burned_in_{offload}"] = {n: p.full_tensor().detach().clone()
+                                           for n, p in params.items()}
+            out[f"theta0_is_local_{offload}"] = all(torch.equal(initial[n], before[n])
+                                                    for n in params)
+        out[f"restored_{offload}"] = _restored(model, before)
+    out["bad_offload"] = outcome(lambda: select_distributed(
+        model, "lt_sft", 0.3, data=data(rank, world), loss_fn=loss_fn, offload="gpu"))
     # Bad data and refused methods: one error on every rank, the ranks still in step.
     uneven = data(rank, world)[: 2 + (rank == world - 1)]  # the last rank has one more batch
     out["uneven"] = outcome(lambda: select_distributed(model, "lt_sft", 0.3, data=uneven,
@@ -104,12 +124,8 @@ def _worker(rank: int, world: int, folder: str) -> None:
     out["no_data"] = outcome(lambda: select_distributed(model, "lt_sft", 0.3, loss_fn=loss_fn))
     out["bad_lr"] = outcome(lambda: select_distributed(model, "lt_sft", 0.3, lr=-1.0,
                                                       data=data(rank, world), loss_fn=loss_fn))
-    for method in ("diff_pruning", "sam_curvature"):
-        out[method] = outcome(lambda m=method: select_distributed(
-            model, m, 0.3, data=data(rank, world), loss_fn=loss_fn))
-    out["warmup"] = outcome(lambda: select_distributed(
-        model, "sam", 0.3, data=data(rank, world), loss_fn=loss_fn, always_train=HEAD,
-        head_warmup_steps=2))
+    out["sam_curvature"] = outcome(lambda: select_distributed(
+        model, "sam_curvature", 0.3, data=data(rank, world), loss_fn=loss_fn))
     register_method("fsdp_test_rule", MethodInfo("fsdp_test_rule", "rule", False, False,
                                                  "a test rule"), lambda *args, **kwargs: None)
     out["registered"] = outcome(lambda: select_distributed(model, "fsdp_test_rule"))
@@ -138,10 +154,12 @@ def test_sharded_burn_in_selection_equals_one_process(ranks, case):
     for out in ranks:
         assert out[case] == expected.digest(), case
         assert out["restored"][case], case  # shards bit-identical, no grad, mode put back
+    if case in OFFLOADED:  # the same mask as without offload, on every rank
+        assert out[case] == out[OFFLOADED[case]], case
     if case.startswith("magnitude"):  # the burn-in changed the mask
         plain = st.select(make_model(), "magnitude", CASES[case][1], progress=False,
                           **{k: v for k, v in CASES[case][2].items()
-                             if k not in ("burn_in_steps", "lr")})
+                             if k not in ("burn_in_steps", "lr", "offload")})
         assert plain.digest() != expected.digest()
 
 
@@ -154,6 +172,16 @@ def test_sharded_burn_in_reaches_the_one_process_parameters(ranks):
     assert not torch.equal(expected["0.weight"], make_model().get_parameter("0.weight"))
 
 
+def test_offloaded_sharded_burn_in_is_bit_identical(ranks):
+    for out in ranks:
+        for offload in ("cpu", "disk"):
+            assert out[f"theta0_is_local_{offload}"] and out[f"restored_{offload}"], offload
+            for name, value in out["burned_in"].items():
+                assert torch.equal(out[f"burned_in_{offload}"][name], value), (offload, name)
+        assert out["bad_offload"].startswith("InvalidArgumentError: rank 0: offload must be "
+                                             "one of None, 'cpu', 'disk'"), out["bad_offload"]
+
+
 def test_no_optimizer_outlives_the_burn_in(ranks):
     for out in ranks:
         assert out["optimizers_after"] == out["optimizers"]
@@ -161,22 +189,19 @@ def test_no_optimizer_outlives_the_burn_in(ranks):
 
 def test_bad_data_and_refused_methods_raise_on_every_rank(ranks):
     for out in ranks:
-        for key in ("uneven", "one_shot", "no_data", "bad_lr", "diff_pruning", "sam_curvature",
-                    "warmup", "registered"):
+        for key in ("uneven", "one_shot", "no_data", "bad_lr", "bad_offload", "sam_curvature",
+                    "registered"):
             assert out[key] == ranks[0][key], key  # the same error on every rank
         assert out["uneven"].startswith("InvalidArgumentError: rank 0: the ranks reached the "
-                                        "end of their data at different burn-in steps (step 2")
+                                        "end of their data at different steps of the fine-tuning "
+                                        "burn-in (step 2")
         assert out["one_shot"].startswith("InvalidArgumentError: rank 0: data yielded no batch "
                                           "for the fine-tuning burn-in after its first pass")
         assert out["no_data"].startswith("InvalidArgumentError: rank 0: method 'lt_sft' needs "
                                           "data")
         assert "lr" in out["bad_lr"] and out["bad_lr"].startswith("InvalidArgumentError")
-        assert "'diff_pruning' is not supported on a sharded (FSDP2) model yet: it trains " \
-               "gates and diffs" in out["diff_pruning"]
         assert "'sam_curvature' is not supported on a sharded (FSDP2) model yet: its " \
                "Hessian-diagonal estimate" in out["sam_curvature"]
-        assert "head_warmup_steps=2 is not supported on a sharded (FSDP2) model yet: the " \
-               "warm-up trains the always_train head alone" in out["warmup"]
         assert "'fsdp_test_rule' is a registered method" in out["registered"], out["registered"]
         assert out["bad_restored"]
         assert out["after_errors"] == st.select(make_model(), "lt_sft", 0.3, data=data(),

@@ -1,11 +1,12 @@
 """select_distributed on an FSDP2 model == one process's select: 2 and 4 gloo ranks on the CPU.
 
 Each rank scores its own shards of the tiny MLP (dim-0 sizes 5, 3, 1: uneven shards, empty
-ones) and the exact top-k is merged across ranks; for ``sam`` and ``child_pruning`` each rank
-feeds its rows of every global batch (the burn-in methods: test_fsdp2_burn_in.py). Every
-supported method must give, on every rank, the mask (digest) of ``st.select`` on the unsharded
-model with the global batches; ties (a model of rounded weights) must go to the lowest global
-index, as in one process.
+ones) and the exact top-k is merged across ranks; for ``sam`` (also after a head warm-up),
+``child_pruning`` and ``diff_pruning`` each rank feeds its rows of every global batch (the
+burn-in methods: test_fsdp2_burn_in.py; the trained scores on a classifier:
+test_fsdp2_trained_scores.py). Every supported method must give, on every rank, the mask
+(digest) of ``st.select`` on the unsharded model with the global batches; ties (a model of
+rounded weights) must go to the lowest global index, as in one process.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ CASES = {  # name -> (method, density, options); data-driven methods get the bat
     "sam": ("sam", 0.3, dict(always_train=HEAD, max_grad_norm=0.05)),
     "sam_per_tensor": ("sam", 0.5, dict(scope="per_tensor", max_grad_norm=None)),
     "child_pruning": ("child_pruning", 0.25, dict(num_batches=2)),
+    "sam_warmup": ("sam", 0.3, dict(always_train=HEAD, head_warmup_steps=4, head_warmup_lr=0.3,
+                                    max_grad_norm=None)),
+    "diff_pruning": ("diff_pruning", 0.3, dict(always_train=HEAD, steps=4, lr=0.05,
+                                               l0_weight=1e-3)),
 }
 
 
@@ -75,11 +80,10 @@ def _worker(rank: int, world: int, folder: str) -> None:
         assert all(torch.equal(before[n], after[n]) for n in before)
         assert all(p.grad is None for p in model.parameters()) and model.training
     model = shard(make_model(), mesh)
-    out["diff_pruning"] = outcome(lambda: select_distributed(
-        model, "diff_pruning", 0.3, data=data(rank, world), loss_fn=loss_fn))
-    out["warmup"] = outcome(lambda: select_distributed(
-        model, "sam", 0.3, data=data(rank, world), loss_fn=loss_fn, always_train=HEAD,
-        head_warmup_steps=2))
+    out["sam_curvature"] = outcome(lambda: select_distributed(
+        model, "sam_curvature", 0.3, data=data(rank, world), loss_fn=loss_fn))
+    out["warmup_no_head"] = outcome(lambda: select_distributed(
+        model, "sam", 0.3, data=data(rank, world), loss_fn=loss_fn, head_warmup_steps=2))
     uneven = data(rank, world)[: 1 + (rank == world - 1)]  # the last rank has one more batch
     out["uneven"] = outcome(lambda: select_distributed(model, "sam", 0.3, data=uneven,
                                                       loss_fn=loss_fn))
@@ -97,7 +101,7 @@ def ranks(request, tmp_path_factory) -> list[dict]:
 
 def _one_process(case: str) -> st.Mask:
     method, density, options = CASES[case]
-    needs_data = method in ("sam", "child_pruning")
+    needs_data = method in ("sam", "child_pruning", "diff_pruning")
     return st.select(case_model(case), method, density, progress=False,
                      data=data() if needs_data else None,
                      loss_fn=loss_fn if needs_data else None, **options)
@@ -121,10 +125,12 @@ def test_ties_go_to_the_lowest_global_index(ranks):
 
 def test_unsupported_and_bad_input_raise_on_every_rank(ranks):
     for out in ranks:
-        assert out["diff_pruning"].startswith(
-            "InvalidArgumentError: rank 0: select_distributed: method 'diff_pruning' is not "
-            "supported on a sharded (FSDP2) model yet: it trains gates"), out
-        assert "head_warmup_steps=2 is not supported" in out["warmup"]
+        assert out["sam_curvature"].startswith(
+            "InvalidArgumentError: rank 0: select_distributed: method 'sam_curvature' is not "
+            "supported on a sharded (FSDP2) model yet: its Hessian-diagonal estimate"), out
+        assert out["warmup_no_head"].startswith(
+            "InvalidArgumentError: rank 0: head_warmup_steps trains the always_train "
+            "parameters (the task head) alone before scoring, but always_train is empty")
         assert out["uneven"].startswith("InvalidArgumentError: rank 0: the ranks ran out of "
                                         "batches at different steps")
         assert out["no_data"].startswith("InvalidArgumentError: rank 0: method 'sam' needs data")

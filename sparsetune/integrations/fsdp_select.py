@@ -20,17 +20,33 @@ full parameter:
   exactly as one process breaks them.
 * ``lt_sft`` and ``magnitude`` with ``burn_in_steps`` first fine-tune the sharded model on
   the global batches (:func:`~sparsetune.integrations.fsdp_burn_in.sharded_burned_in`: AdamW
-  on each rank's shards, the one-process update of those entries), score each rank's shards
-  (|theta_T - theta0| or |theta_T|) and merge the top-k as above; then the shards are put back
-  bit for bit.
+  on each rank's shards, the one-process update of those entries; ``offload`` keeps theta0 and
+  the moments of the local shards in host memory or a temporary file, as one process does),
+  score each rank's shards (|theta_T - theta0| or |theta_T|) and merge the top-k as above;
+  then the shards are put back bit for bit.
+* ``sam`` with ``head_warmup_steps`` first trains the ``always_train`` head alone on the global
+  batches (:func:`~sparsetune.integrations.fsdp_burn_in.sharded_head_warmed_up`: a plain
+  backward while only the head requires grad, AdamW on the head's local shards), scores with
+  the warmed-up head as above, then puts the head's shards back bit for bit.
+* ``diff_pruning`` trains each rank's shards of the diffs and gate logits
+  (:func:`~sparsetune.integrations.fsdp_diff_pruning.sharded_diff_pruning_scores`: the
+  one-process gate draws, theta0 + z * w written into the shards, FSDP2's backward for the
+  loss's gradient, the chain rule and Adam per local shard) and merges the top-k of the final
+  gate logits as above; the shards are put back bit for bit.
 
-``diff_pruning``, ``sam_curvature``, a head warm-up (``head_warmup_steps``) and registered
-methods (``lora``, ``adapter``) raise a clear error naming the reason. Collective over the
-model's mesh.
+The methods that train (burn-in, head warm-up, ``diff_pruning``) train on the gradient of the
+mean of the ranks' mean losses: one process's mean loss on the global batch when every rank
+feeds an equal part of it (with dropout, each rank draws for its own rows, so training sees
+other draws than one process: the mask is then like one process's, not equal to it).
+
+``sam_curvature`` (its Hessian-diagonal estimate needs every full parameter in one process)
+and registered methods (``lora``, ``adapter``: their builders read the whole model) raise a
+clear error naming the reason, on every rank. Collective over the model's mesh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -47,14 +63,15 @@ from ..optim.sharded import check_sharding, local, process_group
 from ..select import check_select, method_spec
 from ._ranks import checked_on_every_rank, raise_on_every_rank
 from .fsdp import shard_span
-from .fsdp_burn_in import sharded_burned_in
+from .fsdp_burn_in import sharded_burned_in, sharded_head_warmed_up
+from .fsdp_diff_pruning import sharded_diff_pruning_scores
 
 __all__ = ["SHARDED_METHODS", "select_sharded"]
 
 #: The methods :func:`select_sharded` supports.
-SHARDED_METHODS = ("random", "bitfit", "names", "magnitude", "sam", "child_pruning", "lt_sft")
+SHARDED_METHODS = ("random", "bitfit", "names", "magnitude", "sam", "child_pruning", "lt_sft",
+                   "diff_pruning")
 _SHAPES_ONLY = ("random", "bitfit", "names")
-_GRADIENT_SUMS = ("sam", "child_pruning")
 
 
 def _device(group: Any) -> torch.device:
@@ -66,13 +83,10 @@ def _device(group: Any) -> torch.device:
 _WHY_NOT = {
     "sam_curvature": "its Hessian-diagonal estimate (torch.func over functional_call) needs "
                      "every full parameter in one process",
-    "diff_pruning": "it trains gates and diffs over the full parameters through "
-                    "torch.func.functional_call, which bypasses FSDP2's all-gather and "
-                    "reduce-scatter hooks",
 }
 
 
-def _refuse_unsupported(method: str, options: Mapping[str, Any]) -> None:
+def _refuse_unsupported(method: str) -> None:
     spec = method_spec(method)  # an unknown name: the usual error listing the methods
     spec.refuse_if_per_step()
     if method not in SHARDED_METHODS:
@@ -84,12 +98,20 @@ def _refuse_unsupported(method: str, options: Mapping[str, Any]) -> None:
             f"yet: {why}; supported: {list(SHARDED_METHODS)}, or select on the unsharded model "
             f"and pass the mask on"
         )
-    if options.get("head_warmup_steps"):
+
+
+def _check_head_warmup(always: list[str], data: Iterable[Any] | None) -> None:
+    """after_head_warmup's checks, before any collective: a head to train, data read twice."""
+    if not always:
         raise InvalidArgumentError(
-            f"select_distributed: head_warmup_steps={options['head_warmup_steps']!r} is not "
-            f"supported on a sharded (FSDP2) model yet: the warm-up trains the always_train "
-            f"head alone with torch.autograd.grad of those parameters, which bypasses FSDP2's "
-            f"gradient reduce-scatter; pass 0"
+            "head_warmup_steps trains the always_train parameters (the task head) alone before "
+            "scoring, but always_train is empty: name the head, e.g. always_train="
+            "['classifier.weight', 'classifier.bias']"
+        )
+    if data is not None and iter(data) is data:
+        raise InvalidArgumentError(
+            f"head_warmup_steps reads data twice (the head warm-up, then the scores), but data "
+            f"is a one-shot iterator ({type(data).__name__}): pass a list or a DataLoader"
         )
 
 
@@ -251,11 +273,13 @@ def select_sharded(
 
     def check():
         check_sharding(named, "select_distributed")
-        _refuse_unsupported(method, options)
+        _refuse_unsupported(method)
         checked = check_select(model, method, density, scope=scope, seed=seed,
                                always_train=always_train, targets=targets, options=options)
         if checked.config.needs_data and data is None:
             raise InvalidArgumentError(f"method {method!r} needs data= (this rank's batches)")
+        if getattr(checked.config, "head_warmup_steps", None):
+            _check_head_warmup(checked.always, data)
         return checked
 
     checked = checked_on_every_rank(check, group)
@@ -268,8 +292,8 @@ def select_sharded(
     steps = config.steps if method == "lt_sft" else getattr(config, "burn_in_steps", 0)
     if steps:
         with sharded_burned_in(model, params, loss_fn or transformers_loss, data, steps=steps,
-                               lr=config.lr, seed=seed, device=_device(group),
-                               group=group) as initial:
+                               lr=config.lr, seed=seed, device=_device(group), group=group,
+                               offload=config.offload) as initial:
             if method == "lt_sft":
                 scores = {n: (local(p.detach()) - initial[n]).abs() for n, p in params.items()}
             else:
@@ -277,11 +301,22 @@ def select_sharded(
             return _top_k(method, params, scores, density, scope, always, checked.targets, group)
     if method == "magnitude":
         scores = {n: local(p.detach()).abs() for n, p in params.items()}
-    else:
-        totals = _gradient_sums(model, params, loss_fn or transformers_loss, data,
-                                config.num_batches, config.max_grad_norm, config.square_each,
-                                group)
-        scores = config.scores_from_statistic(totals)
+        return _top_k(method, params, scores, density, scope, always, checked.targets, group)
+    loss_fn = loss_fn or transformers_loss
+    if method == "diff_pruning":
+        scores = sharded_diff_pruning_scores(
+            model, params, loss_fn, data, steps=config.steps, lr=config.lr,
+            l0_weight=config.l0_weight, init_log_alpha=config.init_log_alpha, seed=seed,
+            device=_device(group), group=group)
+        return _top_k(method, params, scores, density, scope, always, checked.targets, group)
+    warmup = getattr(config, "head_warmup_steps", None)
+    head = sharded_head_warmed_up(
+        model, params, always, loss_fn, data, steps=warmup, lr=config.head_warmup_lr, seed=seed,
+        device=_device(group), group=group) if warmup else contextlib.nullcontext()
+    with head:  # sam: the scores after the head warm-up, the head then put back
+        totals = _gradient_sums(model, params, loss_fn, data, config.num_batches,
+                                config.max_grad_norm, config.square_each, group)
+    scores = config.scores_from_statistic(totals)
     return _top_k(method, params, scores, density, scope, always, checked.targets, group)
 
 
