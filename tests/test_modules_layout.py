@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st_
 
-from sparsetune.modules import CsrLayout
+from sparsetune.modules import CsrLayout, functions
 
 
 @settings(max_examples=40)
@@ -29,6 +29,73 @@ def test_right_and_left_equal_the_dense_products(a, b, n, density, seed):
     torch.testing.assert_close(right, x @ dense_m.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(left, y @ dense_m, rtol=1e-12, atol=1e-12)
     assert right.is_contiguous() and left.is_contiguous()
+    # the CPU fast path (MKL's CSR product into a transposed output) equals its twin, the
+    # embedding-bag sums that bf16 and CUDA values take
+    v = values if layout.perm is None else values[layout.perm]
+    torch.testing.assert_close(functions._bags(layout.col, layout.crow, v, x.t().contiguous()),
+                               right, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(functions._bags(layout.col_t, layout.crow_t, v[layout.perm_t],
+                                               y.t().contiguous()), left, rtol=1e-12, atol=1e-12)
+    assert functions._csr_mm_ok(values) and not functions._csr_mm_ok(values.bfloat16())
     # 16-bit inputs are computed in the values' dtype
     r16 = layout.right(values.float(), x.to(torch.bfloat16))
     assert r16.dtype == torch.float32
+    # in place into a row-major output (what the attached Linear's output gets on CPU)
+    for dtype in (torch.float64, torch.float32):
+        base = torch.randn(n, a, generator=g, dtype=torch.float64).to(dtype)
+        out = base.clone()
+        assert layout.add_right_(out, values.to(dtype), x.to(dtype)) is out
+        torch.testing.assert_close(out, base + x.to(dtype) @ dense_m.t().to(dtype),
+                                   **({} if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                             atol=1e-12)))
+        assert out.is_contiguous()
+
+
+def _attached(dtype, in_place: bool):
+    import sparsetune as st
+    from sparsetune.modules import slot
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
+    model = model.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    mask = st.Mask.from_dict({n: torch.rand(p.shape, generator=g) < 0.4 if p.dim() == 2
+                              else torch.zeros(p.shape, dtype=torch.bool)
+                              for n, p in model.named_parameters()})
+    handle = st.attach(model, mask, name="a")
+    st.attach(model, mask, name="b")  # two active deltas: each added in turn
+    with torch.no_grad():
+        for i, p in enumerate(handle.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (i + 1))
+    calls = []
+    original = slot.DeltaSlot._in_place
+
+    def spy(self, output, x, names):
+        used = original(self, output, x, names) and in_place
+        calls.append(used)
+        return used
+
+    slot.DeltaSlot._in_place = spy
+    try:
+        x = torch.randn(3, 2, 6, generator=g, dtype=dtype, requires_grad=True)
+        loss = model(x).square().sum()
+        loss.backward()
+    finally:
+        slot.DeltaSlot._in_place = original
+    values = [n for n, _ in model.named_parameters() if "values" in n]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert set(values) <= set(grads)
+    return loss.detach(), x.grad, grads, calls
+
+
+def test_in_place_delta_equals_the_separate_delta_forward_and_backward():
+    for dtype in (torch.float64, torch.float32):
+        loss, gx, grads, calls = _attached(dtype, in_place=True)
+        ref_loss, ref_gx, ref_grads, ref_calls = _attached(dtype, in_place=False)
+        assert calls == [True, True] and ref_calls == [False, False]
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else {}
+        torch.testing.assert_close(loss, ref_loss, **tol)
+        torch.testing.assert_close(gx, ref_gx, **tol)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], **tol)

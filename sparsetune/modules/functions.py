@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 
 from ..sparse_grad import Plan
 
-__all__ = ["CsrLayout", "EmbeddingDelta", "LinearDelta"]
+__all__ = ["CsrLayout", "EmbeddingDelta", "LinearDelta", "LinearDeltaInPlace"]
 
 class CsrLayout:
     """An (a, b) matrix M with entries at (rows_j, cols_j), kept in CSR order (and M^T's):
@@ -57,13 +57,46 @@ class CsrLayout:
     def right(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M^T in ``values.dtype``; dense: (N, b) -> (N, a)."""
         v = values if self.perm is None else values[self.perm]
+        if _csr_mm_ok(v):
+            return _csr_mm(self.crow, self.col, v, self.shape, dense.to(v.dtype))
         return _bags(self.col, self.crow, v, dense.t().to(values.dtype).contiguous())
+
+    def add_right_(self, out: Tensor, values: Tensor, dense: Tensor) -> Tensor:
+        """out += dense @ M^T in place, for out: (N, a) row-major, dense: (N, b), all three in
+        one dtype: one CSR x dense product written into out's transpose (a column-major (a, N)
+        view), so neither ``dense`` nor the result is transposed in memory."""
+        v = values if self.perm is None else values[self.perm]
+        matrix = torch.sparse_csr_tensor(self.crow, self.col, v, self.shape,
+                                         check_invariants=False)
+        out.t().addmm_(matrix, dense.t())
+        return out
 
     def left(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M in ``values.dtype``; dense: (N, a) -> (N, b)."""
         v = values if self.perm is None else values[self.perm]
+        if _csr_mm_ok(v):
+            return _csr_mm(self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1],
+                           dense.to(v.dtype))
         return _bags(self.col_t, self.crow_t, v[self.perm_t],
                      dense.t().to(values.dtype).contiguous())
+
+
+def _csr_mm_ok(values: Tensor) -> bool:
+    """Whether :func:`_csr_mm` serves these values: fp32/fp64 on the CPU (MKL's CSR x dense
+    product; other dtypes and devices take :func:`_bags`, its twin)."""
+    return values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
+
+
+def _csr_mm(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int],
+            dense: Tensor) -> Tensor:
+    """dense @ M^T for M: (a, b) in CSR (crow, cols, values) and dense: (N, b) -> (N, a)
+    row-major: the CSR product M dense^T written into the result's (a, N) column-major
+    transpose, so neither operand nor the result is copied into a transposed layout (which
+    costs more than the product itself on the CPU)."""
+    matrix = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    out = torch.zeros(dense.shape[0], shape[0], dtype=values.dtype, device=values.device)
+    out.t().addmm_(matrix, dense.t())
+    return out
 
 
 def _bags(cols: Tensor, crow: Tensor, values: Tensor, table: Tensor) -> Tensor:
@@ -92,19 +125,52 @@ class LinearDelta(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, values = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = grad_v = None
-        if ctx.needs_input_grad[0]:
-            grad_x = ctx.layout.left(values, g).reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            operands = (x2, g) if ctx.transposed else (g, x2)
-            if operands[0].dtype != operands[1].dtype:
-                dtype = torch.promote_types(operands[0].dtype, operands[1].dtype)
-                operands = tuple(t.to(dtype) for t in operands)
-            grad_v = ctx.plan.linear_values(*operands).to(values.dtype)
-        return grad_x, grad_v, None, None, None
+        need_x, need_v = ctx.needs_input_grad[:2]
+        return (*_linear_delta_grads(ctx, grad_out, need_x, need_v), None, None, None)
+
+
+def _linear_delta_grads(
+    ctx: Any, grad_out: Tensor, need_x: bool, need_v: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """(input gradient g M, values' gradient) of delta = x M^T, each None where not needed."""
+    x, values = ctx.saved_tensors
+    g = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_x = grad_v = None
+    if need_x:
+        grad_x = ctx.layout.left(values, g).reshape(x.shape).to(x.dtype)
+    if need_v:
+        x2 = x.reshape(-1, x.shape[-1])
+        operands = (x2, g) if ctx.transposed else (g, x2)
+        if operands[0].dtype != operands[1].dtype:
+            dtype = torch.promote_types(operands[0].dtype, operands[1].dtype)
+            operands = tuple(t.to(dtype) for t in operands)
+        grad_v = ctx.plan.linear_values(*operands).to(values.dtype)
+    return grad_x, grad_v
+
+
+class LinearDeltaInPlace(torch.autograd.Function):
+    """``output += x M^T`` in place (the base layer's output, marked dirty), for a float
+    ``output`` of the values' dtype: :meth:`CsrLayout.add_right_`, no add of a separate delta
+    tensor and no transposed copies. The backward is :class:`LinearDelta`'s (the output's
+    gradient passes through unchanged to the base layer)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, output: Tensor, x: Tensor, values: Tensor, plan: Plan, layout: CsrLayout,
+    ) -> Tensor:
+        ctx.save_for_backward(x, values)
+        ctx.plan, ctx.transposed, ctx.layout = plan, False, layout
+        ctx.mark_dirty(output)
+        layout.add_right_(output.view(-1, output.shape[-1]), values.detach(),
+                          x.reshape(-1, x.shape[-1]))
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        need_x, need_v = ctx.needs_input_grad[1:3]
+        grad_x, grad_v = _linear_delta_grads(ctx, grad_out, need_x, need_v)
+        return grad_out, grad_x, grad_v, None, None
 
 
 class EmbeddingDelta(torch.autograd.Function):

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sparse_grad import Plan
-from .functions import CsrLayout, EmbeddingDelta, LinearDelta
+from .functions import CsrLayout, EmbeddingDelta, LinearDelta, LinearDeltaInPlace
 
 __all__ = ["SLOT", "DeltaSlot", "LayerDelta", "MergedDelta", "layer_kind",
            "merged_weight_values", "values_dtype"]
@@ -176,12 +176,34 @@ class DeltaSlot(nn.Module):
             y = y + bias.index_add(0, delta.bias_indices, delta.bias_values)
         return y
 
+    def _in_place(self, output: Tensor, x: Tensor, names: list[str]) -> bool:
+        """Whether the deltas can be added into the base output in place
+        (:class:`LinearDeltaInPlace`): a Linear's plain, contiguous output on CPU (MKL's CSR
+        product) in the values' dtype, the input in it too, no bias entries. The output of a
+        3-D input is a view of the 2-D product: autograd rebases the in-place write on it."""
+        return (
+            self.kind == "linear"
+            and type(output) is Tensor
+            and output.device.type == "cpu"
+            and output.is_contiguous()
+            and x.dtype == output.dtype
+            and all(self.deltas[n].weight_values.dtype == output.dtype
+                    and self.deltas[n].bias_values is None for n in names)
+        )
+
     def _add_deltas(self, layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         names = [n for n in self.active if not self.is_merged(n)]
         if not names:
             return output
+        x = args[0]
+        if self._in_place(output, x, names):
+            for name in names:
+                plan, layout, _ = self.plan(name)
+                output = LinearDeltaInPlace.apply(output, x, self.deltas[name].weight_values,
+                                                  plan, layout)
+            return output
         total = None
         for name in names:
-            y = self.delta_output(layer, args[0], name)
+            y = self.delta_output(layer, x, name)
             total = y if total is None else total + y
         return output + total.to(output.dtype)
