@@ -200,8 +200,8 @@ def test_bad_data_and_refused_methods_raise_on_every_rank(ranks):
         assert out["no_data"].startswith("InvalidArgumentError: rank 0: method 'lt_sft' needs "
                                           "data")
         assert "lr" in out["bad_lr"] and out["bad_lr"].startswith("InvalidArgumentError")
-        assert "'sam_curvature' is not supported on a sharded (FSDP2) model yet: its " \
-               "Hessian-diagonal estimate" in out["sam_curvature"]
+        assert "sam_curvature with curvature_method='hutchinson' is not supported on a " \
+               "sharded (FSDP2) model" in out["sam_curvature"], out["sam_curvature"]
         assert "'fsdp_test_rule' is a registered method" in out["registered"], out["registered"]
         assert out["bad_restored"]
         assert out["after_errors"] == st.select(make_model(), "lt_sft", 0.3, data=data(),

@@ -2,7 +2,8 @@
 
 Each rank scores its own shards of the tiny MLP (dim-0 sizes 5, 3, 1: uneven shards, empty
 ones) and the exact top-k is merged across ranks; for ``sam`` (also after a head warm-up),
-``child_pruning`` and ``diff_pruning`` each rank feeds its rows of every global batch (the
+``sam_curvature`` (finite-difference or precomputed curvature), ``child_pruning`` and
+``diff_pruning`` each rank feeds its rows of every global batch (the
 burn-in methods: test_fsdp2_burn_in.py; the trained scores on a classifier:
 test_fsdp2_trained_scores.py). Every supported method must give, on every rank, the mask
 (digest) of ``st.select`` on the unsharded model with the global batches; ties (a model of
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 HEAD = ["4.bias"]
+CURVATURE = {  # a precomputed h of every parameter's full shape, signs mixed (then floored)
+    n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+    for i, (n, p) in enumerate(make_model().named_parameters())}
 NUM_BATCHES = 3
 CASES = {  # name -> (method, density, options); data-driven methods get the batches
     "random": ("random", 0.4, dict(seed=3, always_train=HEAD)),
@@ -43,6 +47,11 @@ CASES = {  # name -> (method, density, options); data-driven methods get the bat
                                     max_grad_norm=None)),
     "diff_pruning": ("diff_pruning", 0.3, dict(always_train=HEAD, steps=4, lr=0.05,
                                                l0_weight=1e-3)),
+    "sam_curvature": ("sam_curvature", 0.3, dict(always_train=HEAD, num_batches=2,
+                                                 curvature_method="finite_difference",
+                                                 num_samples=3, max_grad_norm=0.05)),
+    "sam_curvature_given": ("sam_curvature", 0.5, dict(scope="per_tensor", floor_fraction=0.5,
+                                                       curvature=CURVATURE)),
 }
 
 
@@ -80,7 +89,7 @@ def _worker(rank: int, world: int, folder: str) -> None:
         assert all(torch.equal(before[n], after[n]) for n in before)
         assert all(p.grad is None for p in model.parameters()) and model.training
     model = shard(make_model(), mesh)
-    out["sam_curvature"] = outcome(lambda: select_distributed(
+    out["hutchinson"] = outcome(lambda: select_distributed(
         model, "sam_curvature", 0.3, data=data(rank, world), loss_fn=loss_fn))
     out["warmup_no_head"] = outcome(lambda: select_distributed(
         model, "sam", 0.3, data=data(rank, world), loss_fn=loss_fn, head_warmup_steps=2))
@@ -101,7 +110,7 @@ def ranks(request, tmp_path_factory) -> list[dict]:
 
 def _one_process(case: str) -> st.Mask:
     method, density, options = CASES[case]
-    needs_data = method in ("sam", "child_pruning", "diff_pruning")
+    needs_data = method in ("sam", "child_pruning", "diff_pruning", "sam_curvature")
     return st.select(case_model(case), method, density, progress=False,
                      data=data() if needs_data else None,
                      loss_fn=loss_fn if needs_data else None, **options)
@@ -125,9 +134,10 @@ def test_ties_go_to_the_lowest_global_index(ranks):
 
 def test_unsupported_and_bad_input_raise_on_every_rank(ranks):
     for out in ranks:
-        assert out["sam_curvature"].startswith(
-            "InvalidArgumentError: rank 0: select_distributed: method 'sam_curvature' is not "
-            "supported on a sharded (FSDP2) model yet: its Hessian-diagonal estimate"), out
+        assert out["hutchinson"].startswith(
+            "InvalidArgumentError: rank 0: select_distributed: sam_curvature with "
+            "curvature_method='hutchinson' is not supported on a sharded (FSDP2) model: it "
+            "needs Hessian-vector products"), out
         assert out["warmup_no_head"].startswith(
             "InvalidArgumentError: rank 0: head_warmup_steps trains the always_train "
             "parameters (the task head) alone before scoring, but always_train is empty")

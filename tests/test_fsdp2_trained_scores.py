@@ -40,6 +40,9 @@ CASES = {  # name -> (method, density, options)
                                                        num_batches=2, **WARMUP)),
     "sam_warmup_frozen": ("sam", 0.3, dict(always_train=["4.bias"], head_warmup_steps=2,
                                            head_warmup_lr=0.3, seed=3)),
+    "sam_curvature_warmup": ("sam_curvature", 0.3, dict(curvature_method="finite_difference",
+                                                        num_samples=2, max_grad_norm=None,
+                                                        **WARMUP)),
     "diff_pruning": ("diff_pruning", 0.3, dict(always_train=HEAD, **DIFF)),
     "diff_pruning_per_tensor": ("diff_pruning", 0.4, dict(scope="per_tensor", steps=3, lr=0.1,
                                                           l0_weight=0.0, init_log_alpha=0.5,
@@ -180,8 +183,8 @@ def test_bad_input_raises_on_every_rank(ranks):
                                              "pruning (step 1"), out["diff_uneven"]
         assert out["diff_bad_l0"].startswith("InvalidArgumentError: rank 0: l0_weight must be"), \
             out["diff_bad_l0"]
-        assert "'sam_curvature' is not supported on a sharded (FSDP2) model yet: its " \
-               "Hessian-diagonal estimate" in out["curvature"], out["curvature"]
+        assert "sam_curvature with curvature_method='hutchinson' is not supported on a " \
+               "sharded (FSDP2) model" in out["curvature"], out["curvature"]
         assert out["bad_restored"]
         assert out["after_errors"] == st.select(make_model(), "sam", 0.3, data=data(),
                                                 loss_fn=loss_fn, progress=False,

@@ -8,14 +8,15 @@ then every rank raises the same error, or none does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from ..errors import StateMismatchError
+from ..errors import InvalidArgumentError, StateMismatchError
 
-__all__ = ["checked_on_every_rank", "raise_on_every_rank"]
+__all__ = ["checked_on_every_rank", "global_batches", "raise_on_every_rank"]
 
 
 def raise_on_every_rank(error: BaseException | None, group: Any,
@@ -53,3 +54,24 @@ def checked_on_every_rank(check: Callable[[], Any], group: Any,
         error = exc
     raise_on_every_rank(error, group, agree)
     return result
+
+
+def global_batches(data: Iterable[Any], limit: int | None, device: torch.device,
+                   group: Any) -> Iterator[Any]:
+    """This rank's part of each global batch: one pass over ``data``, at most ``limit`` batches
+    (None: all), ending on every rank at once; ranks whose data end at different batches get
+    the same error everywhere. Collective at every batch."""
+    it, seen = iter(data), 0
+    while limit is None or seen < limit:
+        batch = next(it, None)
+        have = torch.tensor([batch is not None, batch is None], dtype=torch.int64,
+                            device=device)
+        dist.all_reduce(have, group=group)
+        if int(have[1]) == dist.get_world_size(group):
+            return
+        raise_on_every_rank(InvalidArgumentError(
+            f"the ranks ran out of batches at different steps ({int(have[1])} ranks had no "
+            f"batch {seen}): under FSDP2 every rank must feed the same number of batches"
+        ) if int(have[1]) else None, group)
+        yield batch
+        seen += 1

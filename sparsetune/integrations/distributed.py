@@ -21,7 +21,8 @@ selected entries of its own shard, steps on ``to_local()`` shards, and ``clip_gr
 all-reduces the norm (:mod:`sparsetune.optim.sharded`: what is and is not supported yet). Select
 the mask with :func:`select_distributed` on the sharded model (``random``, ``bitfit``,
 ``names``, ``magnitude`` with or without burn-in, ``sam`` with or without head warm-up,
-``child_pruning``, ``lt_sft``, ``diff_pruning``: :mod:`.fsdp_select`), or before sharding
+``child_pruning``, ``lt_sft``, ``diff_pruning``, ``sam_curvature`` with finite-difference or
+precomputed curvature: :mod:`.fsdp_select`), or before sharding
 and check it with :func:`assert_same_mask`; :func:`sparsetune.integrations.fsdp.extract_delta`
 gathers the sparse delta on one rank. ``prepare()`` and the delta modules are not supported on
 a sharded model yet, and :class:`MaskedOptimizer` refuses DTensors

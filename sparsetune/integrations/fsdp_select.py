@@ -39,9 +39,11 @@ mean of the ranks' mean losses: one process's mean loss on the global batch when
 feeds an equal part of it (with dropout, each rank draws for its own rows, so training sees
 other draws than one process: the mask is then like one process's, not equal to it).
 
-``sam_curvature`` (its Hessian-diagonal estimate needs every full parameter in one process)
-and registered methods (``lora``, ``adapter``: their builders read the whole model) raise a
-clear error naming the reason, on every rank. Collective over the model's mesh.
+``sam_curvature`` scores g^2 / max(h, epsilon) with g as for ``sam`` and h from
+``curvature_method="finite_difference"`` on the shards, or a precomputed ``curvature=``
+(:mod:`.fsdp_curvature`); the other curvature methods need torch.func over the whole model
+and are refused. Registered methods (``lora``, ``adapter``: their builders read the whole
+  model) raise a clear error naming the reason, on every rank. Collective over the model's mesh.
 """
 
 from __future__ import annotations
@@ -55,22 +57,28 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._loss import LossFn, transformers_loss
+from .._loss import LossFn, reiterable, transformers_loss
 from .._topk import SLICE, StreamingTopK, budget_size, check_budget
 from ..errors import InvalidArgumentError, InvalidScoresError
 from ..mask import Mask
 from ..optim.sharded import check_sharding, local, process_group
 from ..select import check_select, method_spec
-from ._ranks import checked_on_every_rank, raise_on_every_rank
+from ._ranks import checked_on_every_rank, global_batches, raise_on_every_rank
 from .fsdp import shard_span
 from .fsdp_burn_in import sharded_burned_in, sharded_head_warmed_up
+from .fsdp_curvature import (
+    SHARDED_CURVATURE,
+    sharded_curvature,
+    sharded_finite_difference_diagonal,
+    sharded_floor,
+)
 from .fsdp_diff_pruning import sharded_diff_pruning_scores
 
 __all__ = ["SHARDED_METHODS", "select_sharded"]
 
 #: The methods :func:`select_sharded` supports.
 SHARDED_METHODS = ("random", "bitfit", "names", "magnitude", "sam", "child_pruning", "lt_sft",
-                   "diff_pruning")
+                   "diff_pruning", "sam_curvature")
 _SHAPES_ONLY = ("random", "bitfit", "names")
 
 
@@ -80,24 +88,32 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-_WHY_NOT = {
-    "sam_curvature": "its Hessian-diagonal estimate (torch.func over functional_call) needs "
-                     "every full parameter in one process",
-}
-
-
 def _refuse_unsupported(method: str) -> None:
     spec = method_spec(method)  # an unknown name: the usual error listing the methods
     spec.refuse_if_per_step()
     if method not in SHARDED_METHODS:
-        why = _WHY_NOT.get(method, f"{method!r} is a registered method, whose builder reads "
-                                   f"the whole model in one process (its parameters would be "
-                                   f"this rank's shards)")
+        why = (f"{method!r} is a registered method, whose builder reads the whole model in one "
+               f"process (its parameters would be this rank's shards)")
         raise InvalidArgumentError(
             f"select_distributed: method {method!r} is not supported on a sharded (FSDP2) model "
             f"yet: {why}; supported: {list(SHARDED_METHODS)}, or select on the unsharded model "
             f"and pass the mask on"
         )
+
+
+def _check_curvature(config: Any, always: list[str], named: list[tuple[str, Tensor]]) -> None:
+    """``sam_curvature``'s checks, before any collective: an h that a sharded model can give
+    (:mod:`.fsdp_curvature`), a parameter to score."""
+    if config.curvature is None and config.curvature_method not in SHARDED_CURVATURE:
+        raise InvalidArgumentError(
+            f"select_distributed: sam_curvature with curvature_method="
+            f"{config.curvature_method!r} is not supported on a sharded (FSDP2) model: it needs "
+            f"Hessian-vector products or per-example gradients through torch.func over the "
+            f"whole model, which FSDP2's shards and its first-order backward cannot give; use "
+            f"curvature_method='finite_difference' (the same probes, central gradient "
+            f"differences) or pass a precomputed curvature=")
+    if all(n in set(always) for n, _ in named):
+        raise InvalidArgumentError("sam_curvature has no parameter to score (all excluded)")
 
 
 def _check_head_warmup(always: list[str], data: Iterable[Any] | None) -> None:
@@ -123,23 +139,12 @@ def _gradient_sums(model: nn.Module, params: Mapping[str, Tensor], loss_fn: Loss
     totals = {n: torch.zeros_like(local(p.detach())) for n, p in params.items()}
     saved = {n: p.grad for n, p in params.items()}
     modes = [(m, m.training) for m in model.modules()]
-    device = _device(group)
-    it, seen = iter(data), 0
+    seen, device = 0, _device(group)
     try:
         model.eval()
         for p in params.values():
             p.grad = None
-        while num_batches is None or seen < num_batches:
-            batch = next(it, None)
-            have = torch.tensor([batch is not None, batch is None], dtype=torch.int64,
-                                device=device)
-            dist.all_reduce(have, group=group)
-            if int(have[1]) == dist.get_world_size(group):
-                break
-            raise_on_every_rank(InvalidArgumentError(
-                f"the ranks ran out of batches at different steps ({int(have[1])} ranks had no "
-                f"batch {seen}): under FSDP2 every rank must feed the same number of batches"
-            ) if int(have[1]) else None, group)
+        for batch in global_batches(data, num_batches, device, group):
             loss_fn(model, batch).backward()
             grads = {n: None if p.grad is None else local(p.grad) for n, p in params.items()}
             scale = 1.0
@@ -280,6 +285,8 @@ def select_sharded(
             raise InvalidArgumentError(f"method {method!r} needs data= (this rank's batches)")
         if getattr(checked.config, "head_warmup_steps", None):
             _check_head_warmup(checked.always, data)
+        if method == "sam_curvature":
+            _check_curvature(checked.config, checked.always, named)
         return checked
 
     checked = checked_on_every_rank(check, group)
@@ -313,11 +320,38 @@ def select_sharded(
     head = sharded_head_warmed_up(
         model, params, always, loss_fn, data, steps=warmup, lr=config.head_warmup_lr, seed=seed,
         device=_device(group), group=group) if warmup else contextlib.nullcontext()
+    if method == "sam_curvature" and config.curvature is None and config.curvature_data is None:
+        data = reiterable(data, config.num_batches)  # read twice: gradient, then curvature
     with head:  # sam: the scores after the head warm-up, the head then put back
         totals = _gradient_sums(model, params, loss_fn, data, config.num_batches,
                                 config.max_grad_norm, config.square_each, group)
-    scores = config.scores_from_statistic(totals)
+        if method == "sam_curvature":
+            scores = _curvature_scores(model, params, always, loss_fn, data, totals, config,
+                                       seed, group)
+        else:
+            scores = config.scores_from_statistic(totals)
     return _top_k(method, params, scores, density, scope, always, checked.targets, group)
+
+
+def _curvature_scores(model: nn.Module, params: Mapping[str, Tensor], always: list[str],
+                      loss_fn: LossFn, data: Iterable[Any], g: Mapping[str, Tensor],
+                      config: Any, seed: int, group: Any) -> dict[str, Tensor]:
+    """``sam_curvature``'s g^2 / max(h, epsilon) on this rank's shards, h from the sharded
+    finite differences or the precomputed curvature (:mod:`.fsdp_curvature`); 0 for the
+    always-trained parameters, as in one process. Collective."""
+    names = [n for n in params if n not in set(always)]
+    if config.curvature is not None:
+        h = checked_on_every_rank(
+            lambda: sharded_curvature({n: params[n] for n in names}, config.curvature), group)
+    else:
+        fresh = config.curvature_data is not None
+        h = sharded_finite_difference_diagonal(
+            model, params, names, loss_fn, config.curvature_data if fresh else data,
+            num_batches=None if fresh else config.num_batches, num_samples=config.num_samples,
+            seed=seed, device=_device(group), group=group)
+    epsilon = sharded_floor(h, config.floor, config.floor_fraction, _device(group), group)
+    return {n: t.square() / h[n].clamp(min=epsilon).to(t) if n in h else torch.zeros_like(t)
+            for n, t in g.items()}
 
 
 def _top_k(method: str, params: Mapping[str, Tensor], scores: Mapping[str, Tensor],
