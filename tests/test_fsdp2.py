@@ -122,7 +122,9 @@ def _train_llama(mesh, rank: int) -> dict:
 
 def _worker(rank: int, world: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from sparsetune.integrations.distributed import select_distributed
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
                             world_size=world)
@@ -162,6 +164,11 @@ def _worker(rank: int, world: int, folder: str) -> None:
     partial = make_model()
     fully_shard(partial[0], mesh=mesh)  # the other layers stay plain tensors
     out["partial"] = _outcome(lambda: st.SparseSGD(partial, mask, lr=0.1))
+    columns = nn.Sequential(nn.Linear(4, 2))  # FSDP2 sharding the weight on dim 1: refused
+    columns_mask = st.select(columns, "random", 0.5, progress=False)
+    fully_shard(columns, mesh=mesh, shard_placement_fn=lambda p: Shard(p.dim() - 1))
+    out["dim1"] = _outcome(lambda: st.SparseAdamW(columns, columns_mask))
+    out["dim1_select"] = _outcome(lambda: select_distributed(columns, "magnitude", 0.3))
     out["masked"] = _outcome(lambda: st.MaskedOptimizer(
         torch.optim.AdamW(model.parameters()), mask, model))
     out["prepare"] = _outcome(lambda: st.prepare(model, mask))
@@ -229,6 +236,9 @@ def test_unsupported_sharded_uses_raise_clearly(ranks):
         assert "FSDP2" in out["step_in_backward"]
         assert out["replicated"].startswith("InvalidArgumentError")
         assert "(Shard(0),)" in out["replicated"]
+        for key in ("dim1", "dim1_select"):
+            assert out[key].startswith("InvalidArgumentError"), out[key]
+            assert "(Shard(0),)" in out[key] and "Shard(dim=1)" in out[key], out[key]
         assert out["partial"].startswith("InvalidArgumentError: SparseSGD: some parameters are")
         assert out["masked"].startswith("InvalidArgumentError: MaskedOptimizer does not support")
         for who in ("prepare", "attach"):  # not yet: one clear line each
