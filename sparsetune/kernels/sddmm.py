@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +47,34 @@ def kernel_available(device_type: str, dtype: torch.dtype | None = None) -> bool
         return False
 
 
+_LAUNCHED: dict[tuple[str, str], bool] = {}  # (kernel, device type) -> its first launch built
+
+
+def first_launch_guarded(name: str, device_type: str, launch: Callable[[], Any],
+                         twin: Callable[[], Any]) -> Any:
+    """``launch()``, the Triton kernel ``name`` (with its dtypes: one compiled variant) chosen
+    by ``backend="auto"``; if its very first launch on ``device_type`` raises (Triton cannot
+    build it for this GPU or release: compile errors come before any write), one
+    RuntimeWarning naming the error and ``twin()``, the torch twin, from then on for this
+    variant and device type. Later errors propagate."""
+    key = (name, device_type)
+    built = _LAUNCHED.get(key)
+    if built is False:
+        return twin()
+    if built:
+        return launch()
+    try:
+        result = launch()
+    except Exception as exc:  # reported, never silent: the twin computes the same sums
+        _LAUNCHED[key] = False
+        warnings.warn(f"sparsetune: the Triton kernel {name} failed at its first launch on "
+                      f"{device_type} ({type(exc).__name__}: {str(exc)[:300]}); its torch twin "
+                      f"runs instead from now on", RuntimeWarning, stacklevel=3)
+        return twin()
+    _LAUNCHED[key] = True
+    return result
+
+
 def sddmm(
     g: Tensor, x: Tensor, rows: Tensor, cols: Tensor, *, backend: str = "auto"
 ) -> Tensor:
@@ -61,14 +92,19 @@ def sddmm(
                          f"{tuple(rows.shape)} and {tuple(cols.shape)}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"sddmm: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         usable = kernel_available(g.device.type, g.dtype) and x.dtype == g.dtype
         backend = "triton" if usable else "torch"
     if backend == "torch":
         return sddmm_torch(g, x, rows, cols)
     from ._sddmm_triton import sddmm_triton  # Triton is imported only here
 
-    return sddmm_triton(g, x, rows, cols)
+    if not auto:
+        return sddmm_triton(g, x, rows, cols)
+    return first_launch_guarded(f"sddmm[{g.dtype}]", g.device.type,
+                                lambda: sddmm_triton(g, x, rows, cols),
+                                lambda: sddmm_torch(g, x, rows, cols))
 
 
 def sddmm_torch(g: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:

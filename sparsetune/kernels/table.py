@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .sddmm import kernel_available
+from .sddmm import first_launch_guarded, kernel_available
 
 __all__ = ["BLOCK", "GatherTable"]
 
@@ -241,13 +241,20 @@ class GatherTable:
             return self.gather_torch(tensors, out)
         from ._table_triton import gather_triton  # Triton is imported only here
 
-        if self.k:
-            into = out if _exact_cast(dtype, out.dtype) else torch.empty_like(out, dtype=dtype)
-            gather_triton(self.blocks, self._pointers(tensors), self._index_arg, tensors[0],
-                          into, self.block)
-            if into is not out:
-                out.copy_(into)  # a rounding cast: torch's, round to nearest even
-        return out
+        def launch() -> Tensor:
+            if self.k:
+                into = out if _exact_cast(dtype, out.dtype) else torch.empty_like(out,
+                                                                                 dtype=dtype)
+                gather_triton(self.blocks, self._pointers(tensors), self._index_arg,
+                              tensors[0], into, self.block)
+                if into is not out:
+                    out.copy_(into)  # a rounding cast: torch's, round to nearest even
+            return out
+
+        if backend != "auto":
+            return launch()
+        return first_launch_guarded(f"table_gather[{dtype}->{out.dtype}]", self.device.type, launch,
+                                    lambda: self.gather_torch(tensors, out))
 
     def scatter(
         self, tensors: Sequence[Tensor], values: Tensor, *, backend: str = "auto"
@@ -261,12 +268,18 @@ class GatherTable:
             return
         from ._table_triton import scatter_triton  # Triton is imported only here
 
-        if self.k:
-            if not _exact_cast(values.dtype, dtype):
-                values = values.to(dtype)  # a rounding cast: torch's, round to nearest even
-            scatter_triton(self.blocks, self._pointers(tensors), self._index_arg, tensors[0],
-                           values, self.block)
-            _bump_versions(tensors)
+        def launch() -> None:
+            if self.k:
+                cast = values if _exact_cast(values.dtype, dtype) else values.to(dtype)
+                scatter_triton(self.blocks, self._pointers(tensors), self._index_arg,
+                               tensors[0], cast, self.block)  # (a cast rounds as torch does)
+                _bump_versions(tensors)
+
+        if backend != "auto":
+            launch()
+            return
+        first_launch_guarded(f"table_scatter[{values.dtype}->{dtype}]", self.device.type, launch,
+                             lambda: self.scatter_torch(tensors, values))
 
     def gather_torch(self, tensors: Sequence[Tensor], out: Tensor) -> Tensor:
         """The twin of :meth:`gather`: one copy or ``index_select`` per tensor (no checks)."""
