@@ -25,7 +25,7 @@ import sparsetune as st
 from sparsetune import Mask
 from sparsetune.errors import InvalidArgumentError
 from sparsetune.select import finetuned_values, lt_sft_scores
-from sparsetune.select.methods.burn_in import _Store
+from sparsetune.select.methods.burn_in import Store
 
 
 class _Tied(nn.Module):
@@ -205,7 +205,7 @@ def test_offload_is_checked_before_any_work():
     offload=st_h.sampled_from(["cpu", "disk"]),
 )
 def test_store_gives_back_what_was_put_last_under_each_key(shapes, dtype, offload):
-    store = _Store(offload)
+    store = Store(offload)
     want = {}
     try:
         for round_ in range(2):  # the second round overwrites, sometimes with another shape

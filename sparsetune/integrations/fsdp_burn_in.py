@@ -24,7 +24,7 @@ process does (the mask is then not the one-process mask, only one like it).
 
 ``offload`` (None, ``"cpu"``, ``"disk"``, as for one process) keeps theta0 of the local shards
 and each shard's two AdamW moments in the burn-in's store
-(:class:`~sparsetune.select.methods.burn_in._Store`): beside the shards, in host memory, or in
+(:class:`~sparsetune.select.methods.burn_in.Store`): beside the shards, in host memory, or in
 one unlinked temporary file per rank, each shard's moments read just before its step and
 written back just after. The trained shards, and so the mask, are the same bit for bit.
 
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .._loss import LossFn, restoring
 from ..errors import InvalidArgumentError
 from ..optim.sharded import local
-from ..select.methods.burn_in import _StepInBackward, _Store, _StoredValues
+from ..select.methods.burn_in import StepInBackward, Store, StoredValues
 from ._ranks import raise_on_every_rank
 
 __all__ = ["sharded_burned_in", "sharded_head_warmed_up"]
@@ -97,12 +97,12 @@ def _lockstep(data: Iterable[Any], steps: int, device: torch.device, group: Any,
 
 def _adamw_steps(model: nn.Module, params: Mapping[str, Tensor], loss_fn: LossFn,
                  data: Iterable[Any], steps: int, lr: float, device: torch.device,
-                 group: Any, store: _Store) -> None:
+                 group: Any, store: Store) -> None:
     names = list(params)
     shards = [local(params[n].detach()) for n in names]  # leaves sharing the storage
     # one AdamW per local shard, stepped after backward; with an offloading store each
     # shard's moments are fetched just before its step and put back just after
-    adamw = _StepInBackward(shards, lr, store, hooks=False)
+    adamw = StepInBackward(shards, lr, store, hooks=False)
     try:
         for batch in _lockstep(data, steps, device, group):
             loss_fn(model, batch).backward()
@@ -134,7 +134,7 @@ def sharded_burned_in(model: nn.Module, params: Mapping[str, Tensor], loss_fn: L
     :func:`~sparsetune.select.methods.burn_in.burned_in` (same values bit for bit).
     Collective over ``group``.
     """
-    store = _Store(offload)  # checks offload
+    store = Store(offload)  # checks offload
     try:
         if offload is None:
             with restoring(model) as saved, torch.random.fork_rng(devices=[]):
@@ -153,7 +153,7 @@ def sharded_burned_in(model: nn.Module, params: Mapping[str, Tensor], loss_fn: L
                 torch.manual_seed(seed)
                 model.train()
                 _adamw_steps(model, params, loss_fn, data, steps, lr, device, group, store)
-                yield _StoredValues(store, shards)
+                yield StoredValues(store, shards)
             finally:
                 with torch.no_grad():
                     for n, shard in shards:

@@ -47,7 +47,12 @@ from torch import Tensor, nn
 
 from .._loss import LossFn, restoring
 from ..optim.sharded import local, shard_rows
-from ..select.methods.projection import _BETA, _GAMMA, _ZETA
+from ..select.methods.projection import (
+    HARD_CONCRETE_BETA,
+    HARD_CONCRETE_GAMMA,
+    HARD_CONCRETE_ZETA,
+    hard_concrete_gates,
+)
 from .fsdp_burn_in import _lockstep
 
 __all__ = ["sharded_diff_pruning_scores"]
@@ -79,7 +84,7 @@ def sharded_diff_pruning_scores(
     opt = torch.optim.Adam([*diffs.values(), *logits.values()], lr=lr)
     draws = next(iter(base.values())).device  # one process draws u on the parameters' device
     gen = torch.Generator(device=draws).manual_seed(seed)
-    shift = _BETA * math.log(-_GAMMA / _ZETA)
+    shift = HARD_CONCRETE_BETA * math.log(-HARD_CONCRETE_GAMMA / HARD_CONCRETE_ZETA)
     try:
         with restoring(model, parameters=False), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -89,10 +94,7 @@ def sharded_diff_pruning_scores(
                 for n, a in logits.items():
                     u = torch.rand(params[n].shape, generator=gen, device=draws, dtype=a.dtype)
                     start, end = rows[n]
-                    u = u[start:end].clamp(1e-6, 1 - 1e-6)
-                    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + a) / _BETA)
-                    gate = (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
-                    theta[n] = base[n] + gate * diffs[n]
+                    theta[n] = base[n] + hard_concrete_gates(a, u[start:end]) * diffs[n]
                 with torch.no_grad():
                     for n, t in theta.items():
                         shards[n].copy_(t)

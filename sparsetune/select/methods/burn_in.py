@@ -31,7 +31,8 @@ from ..._loss import LossFn, batches, restoring
 from ...errors import InvalidArgumentError
 from .._data import trainable
 
-__all__ = ["OFFLOADS", "after_head_warmup", "burned_in", "check_offload", "finetuned_values"]
+__all__ = ["OFFLOADS", "StepInBackward", "Store", "StoredValues", "after_head_warmup",
+           "burned_in", "check_offload", "finetuned_values"]
 
 #: Where a burn-in may keep theta0 and AdamW's moments (see :func:`burned_in`).
 OFFLOADS = (None, "cpu", "disk")
@@ -60,7 +61,7 @@ def _trained(model: nn.Module, only: Collection[str] | None) -> list[tuple[str, 
     return [(n, p) for n, p in named if n in wanted]
 
 
-class _Store:
+class Store:
     """Where the burn-in keeps theta0 and AdamW's moments between uses (``offload``).
 
     ``None``: on the parameters' device, as they are (no copy made here). ``"cpu"``: in host
@@ -117,7 +118,7 @@ class _Store:
             self._file = None
 
 
-class _StepInBackward:
+class StepInBackward:
     """One AdamW per parameter, stepped by a post-accumulate-grad hook the moment backward has
     completed that parameter's gradient, which is then dropped (torch's "optimizer step in
     backward"). AdamW updates each parameter from its own gradient and state alone, so this is
@@ -130,7 +131,7 @@ class _StepInBackward:
     time. ``hooks=False``: no hooks, :meth:`step` is called for every parameter after backward.
     """
 
-    def __init__(self, params: list[Tensor], lr: float, store: _Store | None = None,
+    def __init__(self, params: list[Tensor], lr: float, store: Store | None = None,
                  hooks: bool = True) -> None:
         self.params = params
         self.opts = [torch.optim.AdamW([p], lr=lr, weight_decay=0.0) for p in params]
@@ -174,10 +175,10 @@ class _StepInBackward:
         self.opts = []
 
 
-class _StoredValues(Mapping[str, Tensor]):
-    """``name -> theta0`` read from a :class:`_Store` on each access (a new tensor each time)."""
+class StoredValues(Mapping[str, Tensor]):
+    """``name -> theta0`` read from a :class:`Store` on each access (a new tensor each time)."""
 
-    def __init__(self, store: _Store, named: list[tuple[str, Tensor]]) -> None:
+    def __init__(self, store: Store, named: list[tuple[str, Tensor]]) -> None:
         self._store, self._devices = store, {n: p.device for n, p in named}
 
     def __getitem__(self, name: str) -> Tensor:
@@ -202,7 +203,7 @@ def _in_backward(model: nn.Module, params: list[Tensor], only: Collection[str] |
 def _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store) -> None:
     in_backward = _in_backward(model, params, only)
     per_param = in_backward or store.offload is not None
-    fused = _StepInBackward(params, lr, store, hooks=in_backward) if per_param else None
+    fused = StepInBackward(params, lr, store, hooks=in_backward) if per_param else None
     opt = None if per_param else torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     done = 0
     try:
@@ -275,7 +276,7 @@ def burned_in(
         raise InvalidArgumentError(f"lr must be > 0, got lr={lr!r}")
     named = _trained(model, only)
     params = [p for _, p in named]
-    store = _Store(offload)
+    store = Store(offload)
     if offload is None:
         try:
             with restoring(model) as saved, torch.random.fork_rng(devices=[]):
@@ -296,7 +297,7 @@ def burned_in(
                 torch.manual_seed(seed)
                 model.train()
                 _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store)
-                yield _StoredValues(store, named)
+                yield StoredValues(store, named)
             finally:
                 with torch.no_grad():
                     for n, p in named:

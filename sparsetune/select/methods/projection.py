@@ -27,8 +27,9 @@ from .burn_in import burned_in, check_offload
 from .sam import GradientSumConfig, accumulated_gradient
 
 __all__ = [
-    "ChildPruningConfig", "DiffPruningConfig", "LtSftConfig", "diff_pruning_scores",
-    "fisher_scores", "lt_sft_scores",
+    "HARD_CONCRETE_BETA", "HARD_CONCRETE_GAMMA", "HARD_CONCRETE_ZETA", "ChildPruningConfig",
+    "DiffPruningConfig", "LtSftConfig", "diff_pruning_scores", "fisher_scores",
+    "hard_concrete_gates", "lt_sft_scores",
 ]
 
 
@@ -71,7 +72,15 @@ def _distance(after: Tensor, before: Tensor) -> Tensor:
 
 
 # Hard-concrete distribution (Louizos et al., 2018), as used by DiffPruning (Guo et al., 2021).
-_BETA, _GAMMA, _ZETA = 2.0 / 3.0, -0.1, 1.1
+HARD_CONCRETE_BETA, HARD_CONCRETE_GAMMA, HARD_CONCRETE_ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+def hard_concrete_gates(log_alpha: Tensor, u: Tensor) -> Tensor:
+    """Hard-concrete gates z in [0, 1] of logits ``log_alpha`` from uniform draws ``u`` (same
+    shape): the stretched, clipped sigmoid((log u - log(1 - u) + log_alpha) / beta)."""
+    u = u.clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / HARD_CONCRETE_BETA)
+    return (s * (HARD_CONCRETE_ZETA - HARD_CONCRETE_GAMMA) + HARD_CONCRETE_GAMMA).clamp(0.0, 1.0)
 
 
 def diff_pruning_scores(
@@ -108,7 +117,7 @@ def diff_pruning_scores(
     wrapper = LossModule(model, loss_fn)
     device = next(iter(base.values())).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    shift = _BETA * math.log(-_GAMMA / _ZETA)
+    shift = HARD_CONCRETE_BETA * math.log(-HARD_CONCRETE_GAMMA / HARD_CONCRETE_ZETA)
     done = 0
     with restoring(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -119,9 +128,7 @@ def diff_pruning_scores(
                 gates = {}
                 for n, a in logits.items():
                     u = torch.rand(a.shape, generator=gen, device=device, dtype=a.dtype)
-                    u = u.clamp(1e-6, 1 - 1e-6)
-                    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + a) / _BETA)
-                    gates[n] = (s * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
+                    gates[n] = hard_concrete_gates(a, u)
                 theta = {f"model.{n}": base[n] + gates[n] * diffs[n] for n in base}
                 loss = torch.func.functional_call(wrapper, theta, (batch,))
                 expected_l0 = sum(torch.sigmoid(a - shift).sum() for a in logits.values())
