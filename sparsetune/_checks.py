@@ -12,6 +12,8 @@ import numbers
 import sys
 from typing import Any
 
+import torch
+
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "check_int",
     "check_non_negative",
     "check_positive",
+    "logical_shape",
     "reject_sharded",
     "unwrap_compiled",
 ]
@@ -40,6 +43,14 @@ def check_density(density: Any, name: str = "density") -> float:
     if not (0.0 < value <= 1.0):  # NaN fails every comparison
         raise InvalidArgumentError(f"{name} must be in (0, 1], got {name}={density!r}")
     return value
+
+
+def logical_shape(param: Any) -> torch.Size:
+    """The shape of the values a parameter stands for: its own shape, except a bitsandbytes
+    4-bit weight (``Params4bit``), whose packed storage is (numel / 2, 1) and whose
+    ``quant_state.shape`` is the (out, in) of the float weight it holds."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return torch.Size(shape) if shape is not None else param.shape
 
 
 def unwrap_compiled(model: Any) -> Any:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ._checks import unwrap_compiled
+from ._checks import logical_shape, unwrap_compiled
 from ._mask_storage import Entries, ParameterSummary, check_always, check_bool_tensor
 from ._topk import SCOPES, budget_size, top_k_entries
 from .errors import InvalidMaskError, ParameterMismatchError
@@ -410,18 +410,19 @@ class Mask(Mapping[str, Tensor]):
     def check(self, model: nn.Module, *, complete: bool = False) -> Mask:
         """Raise :class:`ParameterMismatchError` unless the mask fits ``model``.
 
-        Every name must be a parameter of ``model`` with the same shape. With ``complete=True``
-        every parameter of ``model`` that requires grad must also be in the mask. All problems
-        are listed in one error. Returns ``self`` so calls can be chained. A compiled model
-        (``torch.compile``) is checked by its plain names.
+        Every name must be a parameter of ``model`` with the same shape (the logical shape of
+        a bitsandbytes 4-bit weight, :func:`~sparsetune._checks.logical_shape`). With
+        ``complete=True`` every parameter of ``model`` that requires grad must also be in the
+        mask. All problems are listed in one error. Returns ``self`` so calls can be chained. A
+        compiled model (``torch.compile``) is checked by its plain names.
         """
         model = unwrap_compiled(model)
         params = dict(model.named_parameters())
         unexpected = [n for n in self._entries if n not in params]
         misshaped = [
-            f"{n}: mask {tuple(e.shape)}, parameter {tuple(params[n].shape)}"
+            f"{n}: mask {tuple(e.shape)}, parameter {tuple(logical_shape(params[n]))}"
             for n, e in self._entries.items()
-            if n in params and e.shape != params[n].shape
+            if n in params and e.shape != logical_shape(params[n])
         ]
         missing = (
             [n for n, p in params.items() if p.requires_grad and n not in self._entries]

@@ -339,21 +339,98 @@ def test_torchao_int8_base_trains_and_refuses_merge():
         handle.merge()
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _quantize_nf4(module: nn.Module) -> None:
+    """Every nn.Linear under ``module`` -> a bitsandbytes 4-bit NF4 Linear4bit (fp32 compute),
+    quantized on the CPU."""
+    import bitsandbytes as bnb
+
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features,
+                                  bias=child.bias is not None, compute_dtype=torch.float32,
+                                  quant_type="nf4")
+            q.load_state_dict(child.state_dict())
+            setattr(module, name, q.to(child.weight.device))  # .to() quantizes
+        else:
+            _quantize_nf4(child)
+
+
+def _stored(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_bitsandbytes_4bit_base_trains_keeps_its_bytes_and_refuses_merge():
+    assert HAS_BNB, "bitsandbytes is a test dependency (the quant extra): run `make install`"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    g = torch.Generator().manual_seed(0)
+    bits = {n: torch.rand(p.shape, generator=g) < 0.2 for n, p in model.named_parameters()}
+    mask = st.Mask.from_dict(bits)  # selected on the float model, attached to the 4-bit one
+    _quantize_nf4(model)
+    assert model[0].weight.dtype == torch.uint8 and model[0].weight.shape != (32, 16)
+    stored = _stored(model)
+    handle = st.attach(model, mask, name="task")
+    x, y = torch.randn(64, 16, generator=g), torch.randn(64, 4, generator=g)
+    with torch.no_grad():  # the delta's forward: base(x) + x S^T, S at the mask's entries
+        before = model(x)
+        for p in handle.parameters():
+            p.fill_(0.5)
+        dense = [torch.zeros(32, 16), torch.zeros(4, 32)]
+        for d, w in zip(dense, ("0.weight", "2.weight"), strict=True):
+            d[bits[w]] = 0.5
+        h = torch.tanh(model[0](x))
+        torch.testing.assert_close(h, torch.tanh(
+            nn.functional.linear(x, _dequantized(model[0]), model[0].bias) + x @ dense[0].t()
+            + 0.5 * bits["0.bias"]))
+        for p in handle.parameters():
+            p.zero_()
+        torch.testing.assert_close(model(x), before)
+    opt = torch.optim.AdamW(handle.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(stored[n], p) for n, p in _stored(model).items() if n in stored)
+    with pytest.raises(st.InvalidArgumentError, match="quantized"):
+        handle.merge()
+    with pytest.raises(st.InvalidArgumentError, match="Params4bit: keep the delta attached"):
+        handle.merge(requantize=True)
+    handle.remove()
+    assert all(torch.equal(stored[n], p) for n, p in _stored(model).items())
+
+
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+@pytest.mark.parametrize("quantized", [None, "torchao_int8", "bnb_nf4"])
 def test_loss_falls_on_rotten_tomatoes_with_minilm(quantized):
-    assert HAS_TORCHAO or not quantized, "torchao is a test dependency: run `make install`"
+    assert HAS_TORCHAO or quantized != "torchao_int8", "torchao is a test dependency"
+    assert HAS_BNB or quantized != "bnb_nf4", "bitsandbytes is a test dependency"
     from sparsetune.data import batches, load_pretrained, load_task
 
     start = time.perf_counter()
     torch.manual_seed(0)
     model, tokenizer = load_pretrained(None, num_labels=2, seed=0)
-    if quantized:
-        _quantize(model.bert)
-    task = load_task("rotten_tomatoes", max_examples=160, seed=0)
     g = torch.Generator().manual_seed(0)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())  # the mask is drawn on the float model
     bits = {n: torch.rand(p.shape, generator=g) < 0.005 for n, p in params.items()
             if n.endswith("weight") and p.dim() == 2 and n.startswith("bert.encoder")}
+    if quantized == "torchao_int8":
+        _quantize(model.bert)
+    elif quantized == "bnb_nf4":
+        _quantize_nf4(model.bert)
+    task = load_task("rotten_tomatoes", max_examples=160, seed=0)
+    stored = _stored(model.bert)
     bits.update({n: torch.ones(params[n].shape, dtype=torch.bool)
                  for n in ("classifier.weight", "classifier.bias")})
     handle = st.attach(model, st.Mask.from_dict(bits), name="rt")
@@ -370,5 +447,14 @@ def test_loss_falls_on_rotten_tomatoes_with_minilm(quantized):
             losses.append(float(loss))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3  # the same 3 batches, twice
     assert last < first, losses
+    after = _stored(model.bert)
+    assert all(_same_bytes(stored[n], after[n]) for n in stored)  # the base is never written
     print(f"MiniLM attach (quantized={quantized}): {len(losses)} steps, losses {losses}, "
           f"{time.perf_counter() - start:.1f} s")
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal stored contents, for plain and torchao tensors alike."""
+    if hasattr(a, "qdata"):
+        return torch.equal(a.qdata, b.qdata) and torch.equal(a.scale, b.scale)
+    return torch.equal(a, b)

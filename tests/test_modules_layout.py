@@ -70,8 +70,8 @@ def _attached(dtype, in_place: bool):
     calls = []
     original = slot.DeltaSlot._in_place
 
-    def spy(self, output, x, names):
-        used = original(self, output, x, names) and in_place
+    def spy(self, layer, output, x, names):
+        used = original(self, layer, output, x, names) and in_place
         calls.append(used)
         return used
 

@@ -12,8 +12,11 @@ Several deltas live side by side (``attach(model, mask_b, name="b")``); :meth:`s
 picks which apply (several: their sum), without copying anything. :meth:`DeltaHandle.merge`
 folds a delta into the float base weight for inference, :meth:`DeltaHandle.unmerge` restores
 the base bit for bit, :meth:`DeltaHandle.remove` takes it away. The base may be float32,
-bfloat16, float16, or torchao-quantized (a tensor-subclass weight: trained; merged only with
-``merge(requantize=True)``, which reports the error it introduces, :mod:`.requantize`).
+bfloat16, float16, torchao-quantized (a tensor-subclass weight: trained; merged only with
+``merge(requantize=True)``, which reports the error it introduces, :mod:`.requantize`) or a
+bitsandbytes 4-bit ``Linear4bit`` (NF4/FP4: trained through its own forward and input
+gradient; the mask is over its logical (out, in) entries, drawn on the float model; merging
+is refused, requantization being torchao-only).
 
 Merged value (one definition everywhere, :func:`merged_weight_values`): at each selected entry
 theta = (theta0 + v) computed in the values' dtype (float32; float64 over a float64 base) and
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._checks import reject_sharded, unwrap_compiled
+from .._checks import logical_shape, reject_sharded, unwrap_compiled
 from ..delta import BaseModelMismatchError, SparseDelta, base_fingerprint, register_attach
 from ..delta import DeltaEntry as _Entry
 from ..errors import InvalidArgumentError, ParameterMismatchError
@@ -355,7 +358,7 @@ def attach(
     for layer_name, parts in layers.items():
         layer = modules[layer_name]
         weight = layer.weight
-        w_sel = parts.get("weight", torch.zeros(weight.shape, dtype=torch.bool))
+        w_sel = parts.get("weight", torch.zeros(logical_shape(weight), dtype=torch.bool))
         w_idx = torch.nonzero(w_sel.to(weight.device)).t().contiguous()
         b_sel = parts.get("bias")
         b_idx = None if b_sel is None else torch.nonzero(b_sel.to(weight.device))[:, 0]

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._checks import logical_shape
 from ..sparse_grad import Plan
 from .functions import CsrLayout, EmbeddingDelta, LinearDelta, LinearDeltaInPlace
 
@@ -98,7 +99,7 @@ class DeltaSlot(nn.Module):
     def __init__(self, layer: nn.Module, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.shape = tuple(layer.weight.shape)
+        self.shape = tuple(logical_shape(layer.weight))
         self.deltas = nn.ModuleDict()
         self.active: list[str] = []
         self.merged: list[MergedDelta] = []
@@ -176,13 +177,15 @@ class DeltaSlot(nn.Module):
             y = y + bias.index_add(0, delta.bias_indices, delta.bias_values)
         return y
 
-    def _in_place(self, output: Tensor, x: Tensor, names: list[str]) -> bool:
+    def _in_place(self, layer: nn.Module, output: Tensor, x: Tensor, names: list[str]) -> bool:
         """Whether the deltas can be added into the base output in place
-        (:class:`LinearDeltaInPlace`): a Linear's plain, contiguous output on CPU (MKL's CSR
-        product) in the values' dtype, the input in it too, no bias entries. The output of a
-        3-D input is a view of the 2-D product: autograd rebases the in-place write on it."""
+        (:class:`LinearDeltaInPlace`): a plain ``nn.Linear``'s (not a subclass such as
+        bitsandbytes' Linear4bit, whose custom Function returns a view that may not be written)
+        plain, contiguous output on CPU (MKL's CSR product) in the values' dtype, the input in
+        it too, no bias entries. The output of a 3-D input is a view of the 2-D product:
+        autograd rebases the in-place write on it."""
         return (
-            self.kind == "linear"
+            type(layer) is nn.Linear
             and type(output) is Tensor
             and output.device.type == "cpu"
             and output.is_contiguous()
@@ -196,7 +199,7 @@ class DeltaSlot(nn.Module):
         if not names:
             return output
         x = args[0]
-        if self._in_place(output, x, names):
+        if self._in_place(layer, output, x, names):
             for name in names:
                 plan, layout, _ = self.plan(name)
                 output = LinearDeltaInPlace.apply(output, x, self.deltas[name].weight_values,
