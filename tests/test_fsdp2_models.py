@@ -44,6 +44,8 @@ LLAMA_VOCAB = 41
 SELECT = {  # method -> (density, options)
     "magnitude": (0.02, dict(always_train=["model.norm.weight"])),
     "sam": (0.02, dict(always_train=["model.norm.weight"], max_grad_norm=0.5)),
+    "sam_curvature": (0.02, dict(always_train=["model.norm.weight"], num_samples=2,
+                                 curvature_method="finite_difference")),
 }
 HYPER = dict(lr=0.01, weight_decay=0.1)
 CLASSIFIER = ["classifier.weight", "classifier.bias"]
