@@ -131,3 +131,27 @@ def _values_by_parameter(model) -> dict[str, torch.Tensor]:
             b[d.bias_indices] = d.bias_values.detach()
             out[f"{layer_name}.bias"] = b
     return out
+
+
+def test_gather_table_follows_tensors_replaced_behind_its_back(device):
+    """The table caches the tensors' addresses on CUDA (keyed by their values): storage swapped
+    in behind its back (``p.data = ...``, a reloaded checkpoint) and storage freed and reused
+    must be read from where it is now."""
+    g = torch.Generator().manual_seed(4)
+    params = [nn.Parameter(torch.randn(50, generator=g).to(device)) for _ in range(3)]
+    indices = [torch.tensor([1, 2, 40], device=device), None, torch.tensor([0], device=device)]
+    table = GatherTable([50, 50, 50], indices, device)
+
+    def reference():
+        return torch.cat([p.detach()[i] if i is not None else p.detach()
+                          for p, i in zip(params, indices, strict=True)])
+
+    for round_ in range(6):
+        assert torch.equal(table.gather([p.detach() for p in params]), reference()), round_
+        which = round_ % 3
+        params[which].data = torch.randn(50, generator=g).to(device)  # new storage
+        if round_ % 2 and device.type == "cuda":
+            torch.cuda.empty_cache()  # freed blocks may come back at the old addresses
+    values = torch.arange(table.k, dtype=torch.float32, device=device)
+    table.scatter([p.detach() for p in params], values)
+    assert torch.equal(reference(), values)
