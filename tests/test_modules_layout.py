@@ -29,19 +29,26 @@ def test_right_and_left_equal_the_dense_products(a, b, n, density, seed):
     torch.testing.assert_close(right, x @ dense_m.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(left, y @ dense_m, rtol=1e-12, atol=1e-12)
     assert right.is_contiguous() and left.is_contiguous()
-    # the CPU fast path (MKL's CSR product into a transposed output) equals its twin, the
-    # embedding-bag sums that bf16 and CUDA values take
+    # both products, whichever was measured faster: MKL's CSR product into a transposed output
+    # (fp32/fp64 on the CPU) and the embedding-bag sums (everywhere; bf16 and CUDA values)
     v = values if layout.perm is None else values[layout.perm]
-    torch.testing.assert_close(functions._bags(layout.col, layout.crow, v, x.t().contiguous()),
-                               right, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(functions._bags(layout.col_t, layout.crow_t, v[layout.perm_t],
-                                               y.t().contiguous()), left, rtol=1e-12, atol=1e-12)
+    vt = v[layout.perm_t]
+    for product in (lambda c, r, w, s_, d: functions._bags(c, r, w, d.t().contiguous()),
+                    lambda c, r, w, s_, d: functions._csr_mm(r, c, w, s_, d)):
+        torch.testing.assert_close(product(layout.col, layout.crow, v, (a, b), x), right,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(product(layout.col_t, layout.crow_t, vt, (b, a), y), left,
+                                   rtol=1e-12, atol=1e-12)
+    assert set(layout.choice().values()) <= {"csr", "bags"}
+    assert {side for side, _, _ in layout.choice()} == {"right", "left"}
     assert functions._csr_mm_ok(values) and not functions._csr_mm_ok(values.bfloat16())
     # 16-bit inputs are computed in the values' dtype
     r16 = layout.right(values.float(), x.to(torch.bfloat16))
     assert r16.dtype == torch.float32
     # in place into a row-major output (what the attached Linear's output gets on CPU)
-    for dtype in (torch.float64, torch.float32):
+    key = layout._key("right", n)
+    for dtype, chosen in [(d, c) for d in (torch.float64, torch.float32) for c in ("csr", "bags")]:
+        layout._choice[key] = chosen  # each branch of the in-place add
         base = torch.randn(n, a, generator=g, dtype=torch.float64).to(dtype)
         out = base.clone()
         assert layout.add_right_(out, values.to(dtype), x.to(dtype)) is out
