@@ -99,7 +99,8 @@ def sharded_finite_difference_diagonal(
                     p = params[n]
                     full = torch.empty(p.shape, dtype=shards[n].dtype, device=first.device)
                     full.random_(0, 2, generator=generator).mul_(2).sub_(1)
-                    probe[n] = _rows(p, full).to(shards[n].device)
+                    # a copy of this rank's rows: a view would keep the whole draw alive
+                    probe[n] = _rows(p, full).clone().to(shards[n].device)
                     del full
                 up, down = gradient(batch, probe, 1.0), gradient(batch, probe, -1.0)
                 for n in shards:
