@@ -315,6 +315,19 @@ def _quantize(model: nn.Module) -> None:
     quantize_(model, Int8WeightOnlyConfig())
 
 
+def _train(model: nn.Module, handle, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """10 AdamW steps of the attached values on a squared error; the losses."""
+    opt = torch.optim.AdamW(handle.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
 def test_torchao_int8_base_trains_and_refuses_merge():
     assert HAS_TORCHAO, "torchao is a test dependency (the quant extra): run `make install`"
     torch.manual_seed(0)
@@ -324,14 +337,7 @@ def test_torchao_int8_base_trains_and_refuses_merge():
     stored = [(p.qdata.clone(), p.scale.clone()) for p in (model[0].weight, model[2].weight)]
     handle = st.attach(model, mask, name="task")
     x, y = torch.randn(64, 16), torch.randn(64, 4)
-    opt = torch.optim.AdamW(handle.parameters(), lr=3e-2)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = _train(model, handle, x, y)
     assert losses[-1] < losses[0]
     for (q, s), p in zip(stored, (model[0].weight, model[2].weight), strict=True):
         assert torch.equal(p.qdata, q) and torch.equal(p.scale, s)
@@ -388,14 +394,7 @@ def test_bitsandbytes_4bit_base_trains_keeps_its_bytes_and_refuses_merge():
         for p in handle.parameters():
             p.zero_()
         torch.testing.assert_close(model(x), before)
-    opt = torch.optim.AdamW(handle.parameters(), lr=3e-2)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad()
-        loss = (model(x) - y).square().mean()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = _train(model, handle, x, y)
     assert losses[-1] < losses[0]
     assert all(torch.equal(stored[n], p) for n, p in _stored(model).items() if n in stored)
     with pytest.raises(st.InvalidArgumentError, match="quantized"):

@@ -26,14 +26,15 @@ epsilon. Collective over the model's mesh.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._loss import LossFn
+from .._loss import LossFn, restoring
 from ..curvature.finite_difference import DEFAULT_SAMPLES, default_step
 from ..errors import CurvatureError, InvalidArgumentError, ParameterMismatchError
 from ..optim.sharded import is_sharded, local, shard_rows
@@ -51,6 +52,17 @@ def _rows(param: Tensor, full: Tensor) -> Tensor:
     """This rank's rows of ``full`` (a tensor of ``param``'s full shape)."""
     start, end = shard_rows(param)
     return full[start:end]
+
+
+@contextlib.contextmanager
+def _put_back(shards: Mapping[str, Tensor], theta0: Mapping[str, Tensor]) -> Iterator[None]:
+    """Write ``theta0`` back into the ``shards`` on exit, bit for bit."""
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, s in shards.items():
+                s.copy_(theta0[n])
 
 
 def sharded_finite_difference_diagonal(
@@ -72,8 +84,6 @@ def sharded_finite_difference_diagonal(
     theta0 = {n: s.clone() for n, s in shards.items()}
     estimate = {n: torch.zeros_like(s) for n, s in shards.items()}
     generator = torch.Generator(device=first.device).manual_seed(seed)
-    saved = {n: p.grad for n, p in params.items()}
-    modes = [(m, m.training) for m in model.modules()]
     seen = 0
 
     def gradient(batch: Any, probe: Mapping[str, Tensor], sign: float) -> dict[str, Tensor]:
@@ -88,10 +98,9 @@ def sharded_finite_difference_diagonal(
             p.grad = None
         return out
 
-    try:
+    # modes, .grad fields (None meanwhile) and buffers put back by restoring; the shards here
+    with restoring(model, parameters=False), _put_back(shards, theta0):
         model.eval()
-        for p in params.values():
-            p.grad = None
         for batch in global_batches(data, num_batches, device, group):
             for _ in range(samples):
                 probe = {}
@@ -107,14 +116,6 @@ def sharded_finite_difference_diagonal(
                     estimate[n].add_(probe[n] * (up[n] - down[n]) / (2 * eps),
                                      alpha=1.0 / samples)
             seen += 1
-    finally:
-        with torch.no_grad():
-            for n, s in shards.items():
-                s.copy_(theta0[n])
-        for n, p in params.items():
-            p.grad = saved[n]
-        for m, training in modes:
-            m.train(training)
     if seen == 0:
         raise InvalidArgumentError("data yielded no batch: the curvature needs at least one batch")
     return estimate

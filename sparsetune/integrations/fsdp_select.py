@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .._loss import LossFn, reiterable, transformers_loss
+from .._loss import LossFn, reiterable, restoring, transformers_loss
 from .._topk import SLICE, StreamingTopK, budget_size, check_budget
 from ..errors import InvalidArgumentError, InvalidScoresError
 from ..mask import Mask
@@ -137,13 +137,9 @@ def _gradient_sums(model: nn.Module, params: Mapping[str, Tensor], loss_fn: Loss
     """This rank's shard of the sum over global batches of the clipped gradient (or of its
     square); weights, ``.grad`` fields and train/eval modes left as found. Collective."""
     totals = {n: torch.zeros_like(local(p.detach())) for n, p in params.items()}
-    saved = {n: p.grad for n, p in params.items()}
-    modes = [(m, m.training) for m in model.modules()]
     seen, device = 0, _device(group)
-    try:
+    with restoring(model, parameters=False):  # modes, .grad fields (None meanwhile), buffers
         model.eval()
-        for p in params.values():
-            p.grad = None
         for batch in global_batches(data, num_batches, device, group):
             loss_fn(model, batch).backward()
             grads = {n: None if p.grad is None else local(p.grad) for n, p in params.items()}
@@ -159,11 +155,6 @@ def _gradient_sums(model: nn.Module, params: Mapping[str, Tensor], loss_fn: Loss
                     totals[n].add_(g.square() if square_each else g)
                 params[n].grad = None
             seen += 1
-    finally:
-        for n, p in params.items():
-            p.grad = saved[n]
-        for m, training in modes:
-            m.train(training)
     if seen == 0:
         raise InvalidArgumentError("data yielded no batch: these scores need at least one batch")
     return totals
