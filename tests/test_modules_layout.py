@@ -39,23 +39,26 @@ def test_right_and_left_equal_the_dense_products(a, b, n, density, seed):
                                    rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(product(layout.col_t, layout.crow_t, vt, (b, a), y), left,
                                    rtol=1e-12, atol=1e-12)
-    assert set(layout.choice().values()) <= {"csr", "bags"}
-    assert {side for side, _, _ in layout.choice()} == {"right", "left"}
+    assert layout.uses_csr(values) == (values.numel() <= functions.CSR_PER_LINE * (a + b))
+    assert not layout.uses_csr(values.bfloat16())
     assert functions._csr_mm_ok(values) and not functions._csr_mm_ok(values.bfloat16())
     # 16-bit inputs are computed in the values' dtype
     r16 = layout.right(values.float(), x.to(torch.bfloat16))
     assert r16.dtype == torch.float32
     # in place into a row-major output (what the attached Linear's output gets on CPU)
-    key = layout._key("right", n)
-    for dtype, chosen in [(d, c) for d in (torch.float64, torch.float32) for c in ("csr", "bags")]:
-        layout._choice[key] = chosen  # each branch of the in-place add
-        base = torch.randn(n, a, generator=g, dtype=torch.float64).to(dtype)
-        out = base.clone()
-        assert layout.add_right_(out, values.to(dtype), x.to(dtype)) is out
-        torch.testing.assert_close(out, base + x.to(dtype) @ dense_m.t().to(dtype),
-                                   **({} if dtype == torch.float32 else dict(rtol=1e-12,
-                                                                             atol=1e-12)))
-        assert out.is_contiguous()
+    original = functions.CSR_PER_LINE
+    try:
+        for dtype, per_line in [(d, c) for d in (torch.float64, torch.float32) for c in (0, 1e9)]:
+            functions.CSR_PER_LINE = per_line  # both branches of the in-place add: bags, CSR
+            base = torch.randn(n, a, generator=g, dtype=torch.float64).to(dtype)
+            out = base.clone()
+            assert layout.add_right_(out, values.to(dtype), x.to(dtype)) is out
+            torch.testing.assert_close(out, base + x.to(dtype) @ dense_m.t().to(dtype),
+                                       **({} if dtype == torch.float32 else dict(rtol=1e-12,
+                                                                                 atol=1e-12)))
+            assert out.is_contiguous()
+    finally:
+        functions.CSR_PER_LINE = original
 
 
 def _attached(dtype, in_place: bool):

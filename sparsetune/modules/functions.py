@@ -5,9 +5,9 @@ output is (x S^T)[n, r_j] += x[n, c_j] v_j: S in CSR order, every output feature
 "bag" of input features, ``embedding_bag`` over the (in, N) transposed input (k N multiply-adds
 plus two transposed copies; 10x faster than gathering the k input columns and
 ``index_add``-ing them). On the CPU in fp32/fp64, MKL's CSR product written into a transposed
-output needs no transposed copy but costs some 10x more per multiply-add: it wins on very sparse
-layers (about k < in + out) and loses on denser ones, so each layout measures both once per
-token count and thread count and keeps the faster (:meth:`CsrLayout.choice`). Results are
+output needs no transposed copy but costs some 15x more per multiply-add: it wins on very
+sparse layers and loses on denser ones, so it is taken up to :data:`CSR_PER_LINE` entries per
+row plus column, by a fixed rule of the shapes (the same summation order in every run). Results are
 returned row-major: a transposed result slows every later op on it some 5x on CPU. Nothing
 dense of W's size is built: neither W0 + S nor S. The backward gives
 
@@ -28,7 +28,6 @@ to the base output's dtype where it is added (``output + delta``).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -37,7 +36,16 @@ from torch.autograd.function import once_differentiable
 
 from ..sparse_grad import Plan
 
-__all__ = ["CsrLayout", "EmbeddingDelta", "LinearDelta", "LinearDeltaInPlace"]
+__all__ = ["CSR_PER_LINE", "CsrLayout", "EmbeddingDelta", "LinearDelta", "LinearDeltaInPlace"]
+
+#: The most entries per row plus column of M (k / (a + b)) at which the CPU products take MKL's
+#: CSR product. Measured on the 2-core x86 VM at 1 thread (N = 512-1024 tokens): the CSR
+#: product costs ~0.6 ns per entry-token, the bags ~0.04 ns per entry-token plus ~1 ns per
+#: element of their two transposed copies (N (a + b)), so the CSR product is the cheaper below
+#: k ~ 1.8 (a + b): MiniLM's 0.5% layers (k / (a + b) ~ 1-1.5) take it, LoRA-count q/v masks
+#: (7.3% of 512 x 512, k / (a + b) ~ 19) the bags, 4-6x faster there.
+CSR_PER_LINE = 1.8
+
 
 class CsrLayout:
     """An (a, b) matrix M with entries at (rows_j, cols_j), kept in CSR order (and M^T's):
@@ -57,55 +65,35 @@ class CsrLayout:
         self.crow_t = torch.zeros(shape[1] + 1, dtype=torch.int64, device=rows.device)
         self.crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=shape[1]), 0)
         self.col_t = rows[self.perm_t].contiguous()
-        self._choice: dict[tuple[Any, ...], str] = {}
 
-    @staticmethod
-    def _key(side: str, tokens: int) -> tuple[Any, ...]:
-        return side, 1 << max(tokens - 1, 0).bit_length(), torch.get_num_threads()
+    def uses_csr(self, values: Tensor) -> bool:
+        """Whether the products take MKL's CSR product (:func:`_csr_mm`) rather than the
+        embedding bags (:func:`_bags`): fp32/fp64 values on the CPU and at most
+        :data:`CSR_PER_LINE` entries per row plus column of M. A fixed rule of the shapes, so
+        every run and every process sums in the same order."""
+        return _csr_mm_ok(values) and values.numel() <= CSR_PER_LINE * sum(self.shape)
 
-    def _product(self, side: str, crow: Tensor, cols: Tensor, v: Tensor,
-                 shape: tuple[int, int], dense: Tensor) -> Tensor:
-        """dense @ M'^T for M' = (crow, cols, v) of ``shape``: MKL's CSR product
-        (:func:`_csr_mm`) or the embedding bags (:func:`_bags`), both exact. Where both can
-        run (fp32/fp64 on the CPU) the faster one is measured once per side, token count
-        (rounded up to a power of two) and thread count, then reused (:meth:`choice`)."""
+    def _product(self, crow: Tensor, cols: Tensor, v: Tensor, shape: tuple[int, int],
+                 dense: Tensor) -> Tensor:
+        """dense @ M'^T for M' = (crow, cols, v) of ``shape`` (:meth:`uses_csr` decides how)."""
         dense = dense.to(v.dtype)
-        if not _csr_mm_ok(v):
-            return _bags(cols, crow, v, dense.t().contiguous())
-        key = self._key(side, dense.shape[0])
-        runs = {"csr": lambda: _csr_mm(crow, cols, v, shape, dense),
-                "bags": lambda: _bags(cols, crow, v, dense.t().contiguous())}
-        choice = self._choice.get(key)
-        if choice is not None:
-            return runs[choice]()
-        best, out = None, None
-        for name, run in runs.items():  # twice each: the first run pays for cold caches
-            for _ in range(2):
-                start = time.perf_counter()
-                out = run()
-                took = time.perf_counter() - start
-            if best is None or took < best[1]:
-                best = (name, took)
-        self._choice[key] = best[0]
-        return out
-
-    def choice(self) -> dict[tuple[Any, ...], str]:
-        """The products measured so far: (side, token bucket, threads) -> "csr" or "bags"."""
-        return dict(self._choice)
+        if self.uses_csr(v):
+            return _csr_mm(crow, cols, v, shape, dense)
+        return _bags(cols, crow, v, dense.t().contiguous())
 
     def right(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M^T in ``values.dtype``; dense: (N, b) -> (N, a)."""
         v = values if self.perm is None else values[self.perm]
-        return self._product("right", self.crow, self.col, v, self.shape, dense)
+        return self._product(self.crow, self.col, v, self.shape, dense)
 
     def add_right_(self, out: Tensor, values: Tensor, dense: Tensor) -> Tensor:
         """out += dense @ M^T in place, for out: (N, a) row-major, dense: (N, b), all three in
-        one dtype: where the CSR product is the faster (:meth:`_product`), one CSR x dense
+        one dtype: where the CSR product is used (:meth:`uses_csr`), one CSR x dense
         product written into out's transpose (a column-major (a, N) view), so neither
         ``dense`` nor the result is transposed in memory; else ``right``'s result added."""
         v = values if self.perm is None else values[self.perm]
-        if self._choice.get(self._key("right", dense.shape[0])) != "csr":
-            return out.add_(self.right(values, dense))  # bags chosen (or not yet measured)
+        if not self.uses_csr(v):
+            return out.add_(self.right(values, dense))
         matrix = torch.sparse_csr_tensor(self.crow, self.col, v, self.shape,
                                          check_invariants=False)
         out.t().addmm_(matrix, dense.t())
@@ -114,8 +102,7 @@ class CsrLayout:
     def left(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M in ``values.dtype``; dense: (N, a) -> (N, b)."""
         v = values if self.perm is None else values[self.perm]
-        return self._product("left", self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1],
-                             dense)
+        return self._product(self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1], dense)
 
 
 def _csr_mm_ok(values: Tensor) -> bool:
