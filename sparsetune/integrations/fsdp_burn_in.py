@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .._loss import LossFn, restoring
 from ..errors import InvalidArgumentError
 from ..optim.sharded import local
-from ..select.methods.burn_in import StepInBackward, Store, StoredValues
+from ..select.methods.burn_in import StepInBackward, Store, theta0_in_store
 from ._ranks import raise_on_every_rank
 
 __all__ = ["sharded_burned_in", "sharded_head_warmed_up"]
@@ -143,21 +143,11 @@ def sharded_burned_in(model: nn.Module, params: Mapping[str, Tensor], loss_fn: L
                 _adamw_steps(model, params, loss_fn, data, steps, lr, device, group, store)
                 yield {n: local(saved(p)) for n, p in params.items()}
             return
-        # theta0 of the local shards goes to the store; restoring() keeps modes, flags,
-        # buffers and gradients, and the shards are written back from the store.
+        # theta0 of the local shards goes to the store and is written back from it
         shards = [(n, local(p.detach())) for n, p in params.items()]
-        with restoring(model, parameters=False), torch.random.fork_rng(devices=[]):
-            for n, shard in shards:
-                store.put(("theta0", n), shard)
-            try:
-                torch.manual_seed(seed)
-                model.train()
-                _adamw_steps(model, params, loss_fn, data, steps, lr, device, group, store)
-                yield StoredValues(store, shards)
-            finally:
-                with torch.no_grad():
-                    for n, shard in shards:
-                        shard.copy_(store.get(("theta0", n), shard.device))
+        with theta0_in_store(model, shards, store, seed) as theta0:
+            _adamw_steps(model, params, loss_fn, data, steps, lr, device, group, store)
+            yield theta0
     finally:
         store.close()
 

@@ -32,7 +32,7 @@ from ...errors import InvalidArgumentError
 from .._data import trainable
 
 __all__ = ["OFFLOADS", "StepInBackward", "Store", "StoredValues", "after_head_warmup",
-           "burned_in", "check_offload", "finetuned_values"]
+           "burned_in", "check_offload", "finetuned_values", "theta0_in_store"]
 
 #: Where a burn-in may keep theta0 and AdamW's moments (see :func:`burned_in`).
 OFFLOADS = (None, "cpu", "disk")
@@ -287,23 +287,34 @@ def burned_in(
         finally:
             store.close()
         return
-    # theta0 of the trained parameters goes to the store (the others are not written here);
-    # restoring() keeps modes, flags, buffers and gradients.
+    # theta0 of the trained parameters goes to the store (the others are not written here)
     try:
-        with restoring(model, parameters=False), torch.random.fork_rng(devices=[]):
-            for n, p in named:
-                store.put(("theta0", n), p)
-            try:
-                torch.manual_seed(seed)
-                model.train()
-                _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store)
-                yield StoredValues(store, named)
-            finally:
-                with torch.no_grad():
-                    for n, p in named:
-                        p.copy_(store.get(("theta0", n), p.device))
+        with theta0_in_store(model, named, store, seed) as theta0:
+            _adamw_steps(model, loss_fn, data, params, steps, lr, progress, only, store)
+            yield theta0
     finally:
         store.close()
+
+
+@contextlib.contextmanager
+def theta0_in_store(model: nn.Module, named: list[tuple[str, Tensor]], store: Store,
+                    seed: int) -> Iterator[StoredValues]:
+    """An offloaded burn-in's frame: theta0 of the ``named`` tensors (parameters, or a rank's
+    shards of them) put in ``store``, the model in train mode with a private RNG seeded by
+    ``seed``; on exit the tensors written back from the store bit for bit, and modes, flags,
+    buffers and gradients put back by :func:`restoring`. Yields theta0 as
+    :class:`StoredValues`."""
+    with restoring(model, parameters=False), torch.random.fork_rng(devices=[]):
+        for n, t in named:
+            store.put(("theta0", n), t)
+        try:
+            torch.manual_seed(seed)
+            model.train()
+            yield StoredValues(store, named)
+        finally:
+            with torch.no_grad():
+                for n, t in named:
+                    t.copy_(store.get(("theta0", n), t.device))
 
 
 def finetuned_values(
