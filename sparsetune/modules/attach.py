@@ -203,7 +203,7 @@ class DeltaHandle:
         for _, layer, slot, _ in list(self._deltas()):
             slot.drop(self.name)
             if not slot.deltas:
-                slot.detach_hook()
+                slot.detach_hook(layer)
                 delattr(layer, SLOT)
         self._removed = True
         if not _slots(self.model):

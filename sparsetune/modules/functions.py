@@ -18,6 +18,10 @@ dense of W's size is built: neither W0 + S nor S. The backward gives
   kernel, whichever is cheapest where it runs; 16-bit operands with float32 accumulation).
 
 transformers' Conv1D stores W as (in, out): the same function with the coordinates swapped.
+A plain nn.Linear or Conv1D takes the base product and its deltas as one function,
+:class:`LinearWithDeltas` (the deltas added into the base output in place and the input
+gradient into one buffer); the base layer followed by :class:`LinearDelta` is its slow twin
+and serves every other Linear (quantized or subclassed weights, autocast).
 For an Embedding the delta of row ``id`` is added to every token with that id, and the
 values' gradient is :meth:`Plan.embedding_values <sparsetune.sparse_grad.Plan>`.
 
@@ -28,7 +32,7 @@ to the base output's dtype where it is added (``output + delta``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,7 +40,8 @@ from torch.autograd.function import once_differentiable
 
 from ..sparse_grad import Plan
 
-__all__ = ["CSR_PER_LINE", "CsrLayout", "EmbeddingDelta", "LinearDelta", "LinearDeltaInPlace"]
+__all__ = ["CSR_PER_LINE", "CsrLayout", "DeltaSpec", "EmbeddingDelta", "LinearDelta",
+           "LinearWithDeltas"]
 
 #: The most entries per row plus column of M (k / (a + b)) at which the CPU products take MKL's
 #: CSR product. Measured on the 2-core x86 VM at 1 thread (N = 512-1024 tokens): the CSR
@@ -94,10 +99,15 @@ class CsrLayout:
         v = values if self.perm is None else values[self.perm]
         if not self.uses_csr(v):
             return out.add_(self.right(values, dense))
-        matrix = torch.sparse_csr_tensor(self.crow, self.col, v, self.shape,
-                                         check_invariants=False)
-        out.t().addmm_(matrix, dense.t())
-        return out
+        return _csr_add_(out, self.crow, self.col, v, self.shape, dense)
+
+    def add_left_(self, out: Tensor, values: Tensor, dense: Tensor) -> Tensor:
+        """out += dense @ M in place, for out: (N, b) row-major, dense: (N, a), all three in
+        one dtype (as :meth:`add_right_`, over M^T's CSR order)."""
+        v = values if self.perm is None else values[self.perm]
+        if not self.uses_csr(v):
+            return out.add_(self.left(values, dense))
+        return _csr_add_(out, self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1], dense)
 
     def left(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M in ``values.dtype``; dense: (N, a) -> (N, b)."""
@@ -111,16 +121,23 @@ def _csr_mm_ok(values: Tensor) -> bool:
     return values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
 
 
-def _csr_mm(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int],
-            dense: Tensor) -> Tensor:
-    """dense @ M^T for M: (a, b) in CSR (crow, cols, values) and dense: (N, b) -> (N, a)
-    row-major: the CSR product M dense^T written into the result's (a, N) column-major
+def _csr_add_(out: Tensor, crow: Tensor, cols: Tensor, values: Tensor,
+              shape: tuple[int, int], dense: Tensor) -> Tensor:
+    """out += dense @ M^T for M: (a, b) in CSR (crow, cols, values), dense: (N, b), out:
+    (N, a) row-major: the CSR product M dense^T written into out's (a, N) column-major
     transpose, so neither operand nor the result is copied into a transposed layout (which
     costs more than the product itself on the CPU)."""
     matrix = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
-    out = torch.zeros(dense.shape[0], shape[0], dtype=values.dtype, device=values.device)
     out.t().addmm_(matrix, dense.t())
     return out
+
+
+def _csr_mm(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int],
+            dense: Tensor) -> Tensor:
+    """dense @ M^T for M: (a, b) in CSR (crow, cols, values) and dense: (N, b) -> (N, a)
+    row-major (:func:`_csr_add_` into zeros)."""
+    out = torch.zeros(dense.shape[0], shape[0], dtype=values.dtype, device=values.device)
+    return _csr_add_(out, crow, cols, values, shape, dense)
 
 
 def _bags(cols: Tensor, crow: Tensor, values: Tensor, table: Tensor) -> Tensor:
@@ -164,37 +181,113 @@ def _linear_delta_grads(
         grad_x = ctx.layout.left(values, g).reshape(x.shape).to(x.dtype)
     if need_v:
         x2 = x.reshape(-1, x.shape[-1])
-        operands = (x2, g) if ctx.transposed else (g, x2)
-        if operands[0].dtype != operands[1].dtype:
-            dtype = torch.promote_types(operands[0].dtype, operands[1].dtype)
-            operands = tuple(t.to(dtype) for t in operands)
-        grad_v = ctx.plan.linear_values(*operands).to(values.dtype)
+        grad_v = _values_grad(ctx.plan, g, x2, ctx.transposed).to(values.dtype)
     return grad_x, grad_v
 
 
-class LinearDeltaInPlace(torch.autograd.Function):
-    """``output += x M^T`` in place (the base layer's output, marked dirty), for a float
-    ``output`` of the values' dtype: :meth:`CsrLayout.add_right_`, no add of a separate delta
-    tensor and no transposed copies. The backward is :class:`LinearDelta`'s (the output's
-    gradient passes through unchanged to the base layer)."""
+class DeltaSpec(NamedTuple):
+    """One active delta of a fused layer (:class:`LinearWithDeltas`): its sampled-product
+    ``plan``, the CSR ``layout`` of its (out, in) matrix M and its bias entries (or None)."""
+
+    plan: Plan
+    layout: CsrLayout
+    bias_indices: Tensor | None
+
+
+class LinearWithDeltas(torch.autograd.Function):
+    """A frozen nn.Linear or Conv1D and its active deltas as one function (the fast twin of the
+    base layer plus one :class:`LinearDelta` per delta, the forward-hook route):
+    y = x W0^T + b + sum_d x M_d^T (+ the deltas' bias entries); x: (..., in) -> (..., out).
+
+    The deltas are added into the base product's output in place and the backward computes
+    the input gradient g W0 + sum_d g M_d into one buffer, so the layer keeps no delta output,
+    no second input-gradient buffer and no copy of a view's gradient that the separate route
+    needs (one [N, out] and one [N, in] buffer and two passes less per layer). Where every
+    delta's values have the output's dtype and no bias entries, each is added in turn with
+    :meth:`CsrLayout.add_right_` / :meth:`CsrLayout.add_left_`; otherwise the deltas are summed
+    in the values' dtype and cast once where they are added, as the separate route does.
+
+    ``transposed``: a Conv1D (W0 stored (in, out), entries (in, out)). ``values``: each spec's
+    weight values then its bias values (None where it has no bias entries). The base weight and
+    bias get gradients only where they require them (dense, as nn.Linear's)."""
 
     @staticmethod
     def forward(
-        ctx: Any, output: Tensor, x: Tensor, values: Tensor, plan: Plan, layout: CsrLayout,
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool,
+        specs: tuple[DeltaSpec, ...], *values: Tensor | None,
     ) -> Tensor:
-        ctx.save_for_backward(x, values)
-        ctx.plan, ctx.transposed, ctx.layout = plan, False, layout
-        ctx.mark_dirty(output)
-        layout.add_right_(output.view(-1, output.shape[-1]), values.detach(),
-                          x.reshape(-1, x.shape[-1]))
-        return output
+        x2 = x.reshape(-1, x.shape[-1])
+        w = weight.t() if transposed else weight  # (out, in)
+        y = (torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t()))
+        detached = [None if v is None else v.detach() for v in values]
+        in_place = _adds_in_place(y, specs, detached)
+        total = None
+        for spec, v, bv in zip(specs, detached[0::2], detached[1::2]):
+            if in_place:
+                spec.layout.add_right_(y, v, x2)
+                continue
+            d = spec.layout.right(v, x2)
+            if bv is not None:
+                d = d + torch.zeros(d.shape[1], dtype=d.dtype, device=d.device).index_add(
+                    0, spec.bias_indices, bv)
+            total = d if total is None else total + d
+        if total is not None:
+            y.add_(total.to(y.dtype))
+        ctx.save_for_backward(x2, weight, *values)
+        ctx.specs, ctx.transposed, ctx.in_place = specs, transposed, in_place
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        need_x, need_v = ctx.needs_input_grad[1:3]
-        grad_x, grad_v = _linear_delta_grads(ctx, grad_out, need_x, need_v)
-        return grad_out, grad_x, grad_v, None, None
+        x2, weight, *values = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        need = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = None
+        w = weight.t() if ctx.transposed else weight  # (out, in)
+        if need[0]:
+            grad_x = torch.mm(g.to(x2.dtype), w)
+            total = None
+            for spec, v in zip(ctx.specs, values[0::2]):
+                if ctx.in_place:
+                    spec.layout.add_left_(grad_x, v, g)
+                else:
+                    d = spec.layout.left(v, g)
+                    total = d if total is None else total + d
+            if total is not None:
+                grad_x.add_(total.to(grad_x.dtype))
+            grad_x = grad_x.view(ctx.x_shape)
+        if need[1]:
+            grad_w = torch.mm(x2.t(), g) if ctx.transposed else torch.mm(g.t(), x2)
+        if need[2]:
+            grad_b = g.sum(0)
+        grads: list[Tensor | None] = []
+        for i, (spec, v, bv) in enumerate(zip(ctx.specs, values[0::2], values[1::2])):
+            gv = gb = None
+            if need[5 + 2 * i]:
+                gv = _values_grad(spec.plan, g, x2, ctx.transposed).to(v.dtype)
+            if bv is not None and need[6 + 2 * i]:
+                gb = g.to(bv.dtype).sum(0)[spec.bias_indices]
+            grads += [gv, gb]
+        return (grad_x, grad_w, grad_b, None, None, *grads)
+
+
+def _adds_in_place(y: Tensor, specs: tuple[DeltaSpec, ...], values: list[Tensor | None]) -> bool:
+    """Whether :class:`LinearWithDeltas` adds each delta into the output in turn: every
+    delta's values in the output's dtype and none with bias entries."""
+    return all(v.dtype == y.dtype for v in values[0::2]) and all(
+        spec.bias_indices is None for spec in specs)
+
+
+def _values_grad(plan: Plan, g: Tensor, x2: Tensor, transposed: bool) -> Tensor:
+    """dL/dv_j = sum_n g[n, r_j] x[n, c_j] by the plan's sampled product; g: (N, out),
+    x2: (N, in) -> (k,); Conv1D entries are (in, out): the operands swap."""
+    operands = (x2, g) if transposed else (g, x2)
+    if operands[0].dtype != operands[1].dtype:
+        dtype = torch.promote_types(operands[0].dtype, operands[1].dtype)
+        operands = tuple(t.to(dtype) for t in operands)
+    return plan.linear_values(*operands)
 
 
 class EmbeddingDelta(torch.autograd.Function):

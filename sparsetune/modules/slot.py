@@ -11,7 +11,11 @@ delta to the layer's output in a forward hook.
 Why a child module and a hook: ``model.to(device)`` moves the values and indices with the
 layer (optimizers keep the same Parameter objects), the layer's own forward runs untouched (a
 quantized or otherwise subclassed weight keeps its kernel), and removing the child and the hook
-leaves the layer exactly as it was. The slot hides itself from ``state_dict`` and
+leaves the layer exactly as it was. The one exception is speed: exactly nn.Linear and
+transformers' Conv1D get an instance ``forward`` (:meth:`DeltaSlot.fused_forward`) that runs the
+base product and the deltas as one function (:class:`~.functions.LinearWithDeltas`), and falls
+back to the class's own forward plus the hook's sum wherever that does not apply (quantized
+weight, autocast); removing the slot deletes that attribute. The slot hides itself from ``state_dict`` and
 ``load_state_dict``: the model's state dict is the base's (same keys, same tensors); deltas are
 saved with :meth:`~sparsetune.modules.DeltaHandle.to_delta`. ``model.to(dtype)`` /
 ``model.half()`` keep the values in their own dtype (float32, or float64 over a float64 base).
@@ -28,9 +32,9 @@ from torch import Tensor, nn
 
 from .._checks import logical_shape
 from ..sparse_grad import Plan
-from .functions import CsrLayout, EmbeddingDelta, LinearDelta, LinearDeltaInPlace
+from .functions import CsrLayout, DeltaSpec, EmbeddingDelta, LinearDelta, LinearWithDeltas
 
-__all__ = ["SLOT", "DeltaSlot", "LayerDelta", "MergedDelta", "layer_kind",
+__all__ = ["SLOT", "DeltaSlot", "LayerDelta", "MergedDelta", "fusable_layer", "layer_kind",
            "merged_weight_values", "values_dtype"]
 
 #: Attribute name of the child module that holds a layer's deltas.
@@ -96,6 +100,9 @@ class DeltaSlot(nn.Module):
     deltas folded into the base weight, in merge order (:class:`MergedDelta`).
     """
 
+    #: Whether fusable layers take :class:`LinearWithDeltas` (False: the slow twin, for tests).
+    fuse: bool = True
+
     def __init__(self, layer: nn.Module, kind: str) -> None:
         super().__init__()
         self.kind = kind
@@ -104,7 +111,11 @@ class DeltaSlot(nn.Module):
         self.active: list[str] = []
         self.merged: list[MergedDelta] = []
         self._plans: dict[tuple[str, torch.device], tuple[Plan, Any, Any]] = {}
-        self._hook = layer.register_forward_hook(self._add_deltas)
+        self._hook = None
+        if fusable_layer(layer):
+            layer.forward = _FusedForward(layer)
+        else:
+            self._hook = layer.register_forward_hook(self._add_deltas)
 
     # -- state dict: hidden ---------------------------------------------------------------
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
@@ -136,8 +147,15 @@ class DeltaSlot(nn.Module):
         self.active = [n for n in self.active if n != name]
         self._plans = {key: v for key, v in self._plans.items() if key[0] != name}
 
-    def detach_hook(self) -> None:
-        self._hook.remove()
+    def detach_hook(self, layer: nn.Module) -> None:
+        """Give ``layer`` its own forward back (the hook removed, or the fused forward)."""
+        if self._hook is not None:
+            self._hook.remove()
+        layer.__dict__.pop("forward", None)
+
+    def applied(self) -> list[str]:
+        """The names whose delta the forward adds: active and not merged."""
+        return [n for n in self.active if not self.is_merged(n)]
 
     def is_merged(self, name: str) -> bool:
         return any(m.name == name for m in self.merged)
@@ -177,36 +195,64 @@ class DeltaSlot(nn.Module):
             y = y + bias.index_add(0, delta.bias_indices, delta.bias_values)
         return y
 
-    def _in_place(self, layer: nn.Module, output: Tensor, x: Tensor, names: list[str]) -> bool:
-        """Whether the deltas can be added into the base output in place
-        (:class:`LinearDeltaInPlace`): a plain ``nn.Linear``'s (not a subclass such as
-        bitsandbytes' Linear4bit, whose custom Function returns a view that may not be written)
-        plain, contiguous output on CPU (MKL's CSR product) in the values' dtype, the input in
-        it too, no bias entries. The output of a 3-D input is a view of the 2-D product:
-        autograd rebases the in-place write on it."""
+    def fused_forward(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The forward of a plain nn.Linear or Conv1D (:func:`fusable_layer`): the base
+        product and the applied deltas as one :class:`LinearWithDeltas` where
+        :meth:`_fuses` holds, else the layer's own forward and then :meth:`_add_deltas` (the
+        slow twin)."""
+        names = self.applied()
+        if not (names and self.fuse and self._fuses(layer, x)):
+            return self._add_deltas(layer, (x,), type(layer).forward(layer, x))
+        specs, values = [], []
+        for name in names:
+            plan, layout, _ = self.plan(name)
+            delta = self.deltas[name]
+            specs.append(DeltaSpec(plan, layout, delta.bias_indices))
+            values += [delta.weight_values, delta.bias_values]
+        return LinearWithDeltas.apply(x, layer.weight, layer.bias, self.kind == "conv1d",
+                                      tuple(specs), *values)
+
+    def _fuses(self, layer: nn.Module, x: Tensor) -> bool:
+        """Whether this call takes :class:`LinearWithDeltas`: a plain floating weight (not a
+        quantized tensor subclass, e.g. after a requantizing merge) on the input's device and
+        dtype, a bias of that dtype or none, and no autocast (whose casts the base layer's own
+        forward applies)."""
+        w, b = layer.weight, layer.bias
         return (
-            type(layer) is nn.Linear
-            and type(output) is Tensor
-            and output.device.type == "cpu"
-            and output.is_contiguous()
-            and x.dtype == output.dtype
-            and all(self.deltas[n].weight_values.dtype == output.dtype
-                    and self.deltas[n].bias_values is None for n in names)
+            type(w) in (nn.Parameter, Tensor) and w.is_floating_point()
+            and x.dtype == w.dtype and x.device == w.device
+            and (b is None or (type(b) in (nn.Parameter, Tensor) and b.dtype == w.dtype))
+            and not torch.is_autocast_enabled(x.device.type)
         )
 
     def _add_deltas(self, layer: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        names = [n for n in self.active if not self.is_merged(n)]
+        """The forward hook: ``output + sum_d delta_d(x)`` over the applied deltas, summed in
+        the values' dtype and cast once."""
+        names = self.applied()
         if not names:
             return output
         x = args[0]
-        if self._in_place(layer, output, x, names):
-            for name in names:
-                plan, layout, _ = self.plan(name)
-                output = LinearDeltaInPlace.apply(output, x, self.deltas[name].weight_values,
-                                                  plan, layout)
-            return output
         total = None
         for name in names:
             y = self.delta_output(layer, x, name)
             total = y if total is None else total + y
         return output + total.to(output.dtype)
+
+
+def fusable_layer(layer: nn.Module) -> bool:
+    """Whether ``layer``'s forward is replaced by :meth:`DeltaSlot.fused_forward`: exactly
+    nn.Linear (not a subclass such as bitsandbytes' Linear4bit, whose own kernels must run) or
+    transformers' Conv1D."""
+    return type(layer) is nn.Linear or layer_kind(layer) == "conv1d"
+
+
+class _FusedForward:
+    """The instance ``forward`` of a fusable layer with a slot: :meth:`DeltaSlot.fused_forward`.
+    A plain object holding the layer (not a bound method, which pickles by name), so a deepcopy
+    or pickle of the model carries it and points at the copy."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, input: Tensor) -> Tensor:
+        return getattr(self.layer, SLOT).fused_forward(self.layer, input)

@@ -1,0 +1,168 @@
+"""The fused layer (LinearWithDeltas: base product and deltas as one function, the instance
+forward of a plain nn.Linear or Conv1D) against its slow twin (the class's own forward, then
+LinearDelta per delta in the forward hook's sum), on every device of the ``device`` fixture:
+outputs, input gradients, values' and base gradients, for 2-D and 3-D inputs, one or two
+deltas, bias entries, unfrozen base weights, both CPU products (CSR and bags), and every float
+dtype; plus the fallbacks (autocast, a quantized weight) and the forward's removal."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import pickle
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import sparsetune as st
+from sparsetune.modules import SLOT, functions, slot
+
+CASES = list(itertools.product(
+    [torch.float64, torch.float32, torch.bfloat16],  # base dtype
+    ["linear", "conv1d"],
+    [2, 3],  # input rank
+    [False, True],  # a second active delta
+    [False, True],  # bias entries in the deltas
+))
+
+
+def _model(kind: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    layer = (lambda i, o: nn.Linear(i, o)) if kind == "linear" else (lambda i, o: Conv1D(o, i))
+    return nn.Sequential(layer(7, 9), nn.Tanh(), layer(9, 5)).to(device, dtype)
+
+
+def _run(kind, dtype, rank, two, bias_entries, device, *, fuse: bool, unfreeze: bool = False):
+    model = _model(kind, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    bits = {n: (torch.rand(p.shape, generator=g) < 0.35) if (p.dim() == 2 or bias_entries)
+            else torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    handles = [st.attach(model, st.Mask.from_dict(bits), name="a")]
+    if two:
+        bits = {n: (torch.rand(b.shape, generator=g) < 0.2) & (b.dim() == 2 or bias_entries)
+                for n, b in bits.items()}
+        handles.append(st.attach(model, st.Mask.from_dict(bits), name="b"))
+    with torch.no_grad():
+        for h in handles:
+            for p in h.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    if unfreeze:
+        model[2].weight.requires_grad_(True)
+        model[0].bias.requires_grad_(True)
+    calls = []
+    original = functions.LinearWithDeltas.apply
+
+    def spy(*args):
+        calls.append(True)
+        return original(*args)
+
+    shape = (3, 4, 7) if rank == 3 else (5, 7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device, dtype)
+    x.requires_grad_()
+    functions.LinearWithDeltas.apply = spy
+    slot.DeltaSlot.fuse = fuse
+    try:
+        out = model(x)
+        (out.double() * torch.linspace(-1, 2, out.numel(), dtype=torch.float64,
+                                       device=device).view(out.shape)).sum().backward()
+    finally:
+        functions.LinearWithDeltas.apply = original
+        slot.DeltaSlot.fuse = True
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads, len(calls)
+
+
+def _tolerances(dtype: torch.dtype) -> tuple[dict, dict]:
+    """(for outputs and input gradients in the base dtype, for float32 values' gradients). In
+    16 bits the routes round differently: the fused layer sums two deltas' input gradients in
+    float32 and rounds once, the twin rounds each; the first layer's values see that."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-12, atol=1e-12), dict(rtol=1e-12, atol=1e-12)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5), dict(rtol=1e-5, atol=1e-5)
+    return dict(rtol=2e-2, atol=2e-2), dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype,kind,rank,two,bias_entries", CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_fused_layer_equals_the_base_forward_plus_delta_functions(
+        device, dtype, kind, rank, two, bias_entries):
+    out, gx, grads, calls = _run(kind, dtype, rank, two, bias_entries, device, fuse=True)
+    ref_out, ref_gx, ref_grads, ref_calls = _run(kind, dtype, rank, two, bias_entries, device,
+                                                 fuse=False)
+    assert calls == 2 and ref_calls == 0
+    tol, tol_values = _tolerances(dtype)
+    assert out.shape == ref_out.shape and out.dtype == ref_out.dtype == dtype
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(gx, ref_gx, **tol)
+    assert grads.keys() == ref_grads.keys() and len(grads) == (2 + 2 * bias_entries) * (1 + two)
+    for name in grads:
+        assert grads[name].dtype == ref_grads[name].dtype
+        torch.testing.assert_close(grads[name], ref_grads[name], **tol_values)
+
+
+@pytest.mark.parametrize("csr_per_line", [0.0, 1e9], ids=["bags", "csr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_both_cpu_products_and_unfrozen_base_gradients(monkeypatch, dtype, csr_per_line):
+    monkeypatch.setattr(functions, "CSR_PER_LINE", csr_per_line)
+    cpu = torch.device("cpu")
+    for kind in ("linear", "conv1d"):
+        out, gx, grads, calls = _run(kind, dtype, 3, True, False, cpu, fuse=True, unfreeze=True)
+        ref = _run(kind, dtype, 3, True, False, cpu, fuse=False, unfreeze=True)
+        assert calls == 2 and ref[3] == 0
+        assert {"2.weight", "0.bias"} <= grads.keys() and grads.keys() == ref[2].keys()
+        tol = _tolerances(dtype)[0]
+        torch.testing.assert_close(out, ref[0], **tol)
+        torch.testing.assert_close(gx, ref[1], **tol)
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref[2][name], **tol)
+
+
+def test_autocast_and_quantized_weights_take_the_twin():
+    model = _model("linear", torch.float32, torch.device("cpu"))
+    mask = st.Mask.from_dict({n: torch.ones(p.shape, dtype=torch.bool)
+                              for n, p in model.named_parameters()})
+    handle = st.attach(model, mask, name="a")
+    x = torch.randn(4, 7)
+    calls = []
+    original = functions.LinearWithDeltas.apply
+    functions.LinearWithDeltas.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16 and calls == []
+        out.float().sum().backward()
+        assert all(p.grad is not None for p in handle.parameters())
+        # a weight that is not a plain tensor (as after a requantizing merge) keeps its forward
+        model[0].weight = nn.Parameter(_Marked(model[0].weight.detach()), requires_grad=False)
+        model(x)
+        assert calls == [1]  # the second layer only
+    finally:
+        functions.LinearWithDeltas.apply = original
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass standing for a quantized weight."""
+
+
+def test_forward_is_restored_on_remove_and_carried_by_deepcopy_and_pickle():
+    model = _model("linear", torch.float64, torch.device("cpu"))
+    x = torch.randn(4, 7, dtype=torch.float64)
+    plain = model(x)
+    bits = {n: torch.rand(p.shape) < 0.5 for n, p in model.named_parameters()}
+    handle = st.attach(model, st.Mask.from_dict(bits), name="a")
+    assert "forward" in model[0].__dict__
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.fill_(0.25)
+    shifted = model(x)
+    assert not torch.allclose(shifted, plain)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone[0].forward.layer is clone[0]
+        torch.testing.assert_close(clone(x), shifted, rtol=0, atol=0)
+        assert getattr(clone[0], SLOT) is not getattr(model[0], SLOT)
+    handle.remove()
+    assert "forward" not in model[0].__dict__ and not hasattr(model[0], SLOT)
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
