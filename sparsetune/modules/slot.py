@@ -15,10 +15,12 @@ leaves the layer exactly as it was. The one exception is speed: exactly nn.Linea
 transformers' Conv1D get an instance ``forward`` (:meth:`DeltaSlot.fused_forward`) that runs the
 base product and the deltas as one function (:class:`~.functions.LinearWithDeltas`), and falls
 back to the class's own forward plus the hook's sum wherever that does not apply (quantized
-weight, autocast); removing the slot deletes that attribute. The slot hides itself from ``state_dict`` and
-``load_state_dict``: the model's state dict is the base's (same keys, same tensors); deltas are
-saved with :meth:`~sparsetune.modules.DeltaHandle.to_delta`. ``model.to(dtype)`` /
-``model.half()`` keep the values in their own dtype (float32, or float64 over a float64 base).
+weight, autocast); removing the slot deletes that attribute.
+
+The slot hides itself from ``state_dict`` and ``load_state_dict``: the model's state dict is
+the base's (same keys, same tensors); deltas are saved with
+:meth:`~sparsetune.modules.DeltaHandle.to_delta`. ``model.to(dtype)`` / ``model.half()`` keep
+the values in their own dtype (float32, or float64 over a float64 base).
 """
 
 from __future__ import annotations
