@@ -43,3 +43,17 @@ def test_sparse_training_benchmark_quick(tmp_path):
     assert rows["sparse"]["trained_entries"] == rows["masked"]["trained_entries"]
     assert rows["sparse"]["trained_entries"] < rows["full"]["trained_entries"] / 50
     assert {t["verdict"] for t in result["targets"]} <= {"PASS", "MISS"}
+
+
+def test_attach_benchmark_quick(tmp_path):
+    from benchmarks import attach
+
+    result = attach.main(["--steps", "3", "--warmup", "1", "--batch", "2", "--length", "8",
+                          "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "attach.json").read_text())
+    assert written["attach_over_inplace"] == result["attach_over_inplace"]
+    assert all("error" not in r for r in result["rows"]) and len(result["rows"]) == 4
+    assert {r["mmap_threshold"] for r in result["rows"]} == {0, 65536}
+    assert set(result["attach_over_inplace"]) == {
+        "step_median_s", "peak_rss_bytes", "peak_rss_bytes_glibc_default"}
+    assert len({r["num_selected"] for r in result["rows"]}) == 1  # one mask for both

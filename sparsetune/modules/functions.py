@@ -65,11 +65,13 @@ class CsrLayout:
         self.crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
         self.crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
         self.col, self.shape = cols.contiguous(), shape
-        # M^T in CSR order: rows sorted by column (stable), positions into the CSR order of M.
-        self.perm_t = torch.argsort(cols * shape[0] + rows)
-        self.crow_t = torch.zeros(shape[1] + 1, dtype=torch.int64, device=rows.device)
+        # M^T in CSR order: rows sorted by column (stable), positions into the CSR order of M;
+        # int32 where it fits (half the bytes; M's own arrays share the caller's int64 indices)
+        small = torch.int32 if max(cols.numel(), *shape) < 2**31 else torch.int64
+        self.perm_t = torch.argsort(cols * shape[0] + rows).to(small)
+        self.crow_t = torch.zeros(shape[1] + 1, dtype=small, device=rows.device)
         self.crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=shape[1]), 0)
-        self.col_t = rows[self.perm_t].contiguous()
+        self.col_t = rows[self.perm_t].to(small).contiguous()
 
     def uses_csr(self, values: Tensor) -> bool:
         """Whether the products take MKL's CSR product (:func:`_csr_mm`) rather than the

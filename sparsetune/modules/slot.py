@@ -170,9 +170,8 @@ class DeltaSlot(nn.Module):
         indices = delta.weight_indices
         key = (name, indices.device)
         if key not in self._plans:
-            selected = torch.zeros(self.shape, dtype=torch.bool, device=indices.device)
-            selected[indices[0], indices[1]] = True
-            plan = Plan(name, selected, indices.device, dtype=delta.weight_values.dtype)
+            plan = Plan(name, (self.shape, indices), indices.device,
+                        dtype=delta.weight_values.dtype)
             if self.kind == "embedding":
                 ptr = torch.zeros(self.shape[0] + 1, dtype=torch.int64, device=indices.device)
                 ptr[1:] = torch.cumsum(torch.bincount(indices[0], minlength=self.shape[0]), 0)

@@ -32,15 +32,22 @@ class Plan:
 
     ``indices``: (2, k) int64 row-major sorted (row, column) pairs, the indices of every sparse
     gradient this plan produces (shared, so the optimizer recognises them by identity).
+    ``selected``: the (out, in) bool mask, or a ``(shape, indices)`` pair whose (2, k) int64
+    row-major sorted indices on ``device`` the plan keeps as they are (no copy: a delta
+    module's index buffer).
     """
 
     def __init__(
-        self, name: str, selected: Tensor, device: torch.device, linear_product: str = "auto",
-        dtype: torch.dtype | None = None,
+        self, name: str, selected: Tensor | tuple[tuple[int, int], Tensor],
+        device: torch.device, linear_product: str = "auto", dtype: torch.dtype | None = None,
     ) -> None:
         self.name = name
-        self.shape = tuple(selected.shape)
-        self.indices = torch.nonzero(selected).t().contiguous().to(device)
+        if isinstance(selected, tuple):
+            shape, self.indices = selected
+            self.shape = tuple(shape)
+        else:
+            self.shape = tuple(selected.shape)
+            self.indices = torch.nonzero(selected).t().contiguous().to(device)
         self.count = self.indices.shape[1]
         self.device_type = torch.device(device).type
         #: The weight's dtype; a 16-bit one gets a float32 accumulator of its k gradient values.
