@@ -166,3 +166,28 @@ def test_forward_is_restored_on_remove_and_carried_by_deepcopy_and_pickle():
     handle.remove()
     assert "forward" not in model[0].__dict__ and not hasattr(model[0], SLOT)
     torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+
+
+def test_activation_checkpointing_and_compile_give_the_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model("linear", torch.float64, torch.device("cpu"))
+    bits = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) < 0.4
+            for n, p in model.named_parameters()}
+    handle = st.attach(model, st.Mask.from_dict(bits), name="a")
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.normal_(generator=torch.Generator().manual_seed(5))
+    x = torch.randn(6, 7, dtype=torch.float64)
+    runs = {"eager": lambda: model(x),
+            "checkpoint": lambda: checkpoint(model, x, use_reentrant=False),
+            "compile": lambda: torch.compile(model, backend="eager")(x)}
+    results = {}
+    for name, run in runs.items():
+        out = run()
+        grads = torch.autograd.grad(out.square().sum(), list(handle.parameters()))
+        results[name] = (out.detach(), grads)
+    for name in ("checkpoint", "compile"):
+        torch.testing.assert_close(results[name][0], results["eager"][0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(results[name][1], results["eager"][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

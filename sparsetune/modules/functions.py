@@ -32,6 +32,7 @@ to the base output's dtype where it is added (``output + delta``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -129,7 +130,9 @@ def _csr_add_(out: Tensor, crow: Tensor, cols: Tensor, values: Tensor,
     (N, a) row-major: the CSR product M dense^T written into out's (a, N) column-major
     transpose, so neither operand nor the result is copied into a transposed layout (which
     costs more than the product itself on the CPU)."""
-    matrix = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, fine
+        warnings.simplefilter("ignore", UserWarning)
+        matrix = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
     out.t().addmm_(matrix, dense.t())
     return out
 
