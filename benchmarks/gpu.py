@@ -189,16 +189,27 @@ def row_st_global_prepare(ctx: dict) -> dict[str, Any]:
     return _sparsetune_row(ctx, None, sparse_grads=True)
 
 
-def row_st_qv_attach(ctx: dict) -> dict[str, Any]:
+def row_st_qv_attach(ctx: dict, kernel: bool = True) -> dict[str, Any]:
     """Delta modules (issue 24): the q/v mask attached over the frozen base, fp32 values,
-    torch AdamW(fused) over ``handle.parameters()``, as LoRA is trained."""
+    torch AdamW(fused) over ``handle.parameters()``, as LoRA is trained. ``kernel=False``: the
+    delta products take the embedding-bag twin instead of the Triton kernel (where it runs)."""
+    from sparsetune.modules import functions
+
     model = build_model(ctx["shapes"], ctx["device"], ctx["dtype"])
     density = lora_count(model) / sum(p.numel() for p in model.parameters())
     mask = st.select(model, "random", density, targets=QV, progress=False)
     handle = st.attach(model, mask, name="task")
     opt = _torch_adamw(list(handle.parameters()), ctx["device"])
-    return {"trained": handle.num_values,
-            **measure(model, opt, ctx["batch"], ctx["device"], *ctx["n"])}
+    saved, functions.DELTA_KERNEL = functions.DELTA_KERNEL, kernel
+    try:
+        return {"trained": handle.num_values,
+                **measure(model, opt, ctx["batch"], ctx["device"], *ctx["n"])}
+    finally:
+        functions.DELTA_KERNEL = saved
+
+
+def row_st_qv_attach_bags(ctx: dict) -> dict[str, Any]:
+    return row_st_qv_attach(ctx, kernel=False)
 
 
 def _optimizer_row(ctx: dict, kind: str) -> dict[str, Any]:
@@ -242,6 +253,8 @@ ROWS: dict[str, tuple[str, Callable[[dict], dict]]] = {
     "st_qv_prepare": ("sparsetune, q/v mask + prepare (sparse grads)", row_st_qv_prepare),
     "st_qv_attach": ("sparsetune st.attach q/v delta over the frozen base, AdamW(fused)",
                      row_st_qv_attach),
+    "st_qv_attach_bags": ("the same, delta products by embedding bags (no Triton kernel)",
+                          row_st_qv_attach_bags),
     "st_global_prepare": ("sparsetune, global mask + prepare (sparse grads)",
                           row_st_global_prepare),
     "opt_fused": ("optimizer step alone, fp32: torch AdamW(fused)", row_opt_fused),
@@ -292,7 +305,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           generator=gen).to(device)
     ctx = {"shapes": shapes, "device": device, "dtype": getattr(torch, args.dtype),
            "batch": batch, "n": (warmup, steps)}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    output = args.output or DEFAULT_OUTPUT_DIR / f"gpu{'' if name == 'full' else '-' + name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def result(complete: bool) -> dict[str, Any]:
+        return {"benchmark": "gpu", "small": name == "small", "shapes_name": name,
+                "dtype": args.dtype, "shapes": shapes, "warmup": warmup, "steps": steps,
+                "environment": {**environment(), **_versions(device)}, "rows": rows,
+                "complete": complete}
+
     print(f"{'row':<20} {'trained':>14} {'step ms':>9} {'peak GiB':>9}  description")
     for key in args.rows:
         description, fn = ROWS[key]
@@ -313,16 +335,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             peak = "-" if row["peak_gib"] is None else f"{row['peak_gib']:.2f}"
             trained = "-" if row.get("trained") is None else f"{row['trained']:,}"
             print(f"{key:<20} {trained:>14} {row['step_ms']:>9.2f} {peak:>9}  {description}")
-    result = {
-        "benchmark": "gpu", "small": name == "small", "shapes_name": name, "dtype": args.dtype,
-        "shapes": shapes, "warmup": warmup, "steps": steps,
-        "environment": {**environment(), **_versions(device)}, "rows": rows,
-    }
-    output = args.output or DEFAULT_OUTPUT_DIR / f"gpu{'' if name == 'full' else '-' + name}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json(output, result)
+        write_json(output, result(complete=False))  # what a time limit cuts off is kept
+    final = result(complete=True)
+    write_json(output, final)
     print(f"wrote {output}")
-    return result
+    return final
 
 
 if __name__ == "__main__":

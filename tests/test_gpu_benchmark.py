@@ -15,7 +15,7 @@ def test_small_run_measures_every_row_and_writes_json(tmp_path):
     out = tmp_path / "gpu-small.json"
     result = gpu.main(["--small", "--output", str(out)])
     written = json.loads(out.read_text())
-    assert written["rows"] == json.loads(json.dumps(result["rows"]))
+    assert written["rows"] == json.loads(json.dumps(result["rows"])) and written["complete"]
     assert [r["row"] for r in written["rows"]] == list(gpu.ROWS)
     env = written["environment"]
     assert env["device_name"] == "cpu" and env["torch"] and "triton" in env and "peft" in env

@@ -6,12 +6,16 @@ the tests run every kernel), and the torch twin runs everywhere else.
 
 * :mod:`.sddmm`: the sampled dense-dense product (g^T x)[r, c] = sum_n g[n, r] x[n, c] at k
   selected (r, c) pairs, the weight gradient of a Linear at its mask.
+* :mod:`.spmm`: a sparse delta's product added into a dense output in place,
+  out (N, a) += (M x^T)^T for M in CSR: the forward and input gradient of a delta module.
 * :mod:`.table`: :class:`GatherTable`, the selected entries of many tensors gathered into one
   flat buffer (or scattered back from it) in one launch, through a table of the tensors'
   addresses; the compact optimizers' flat step reads and writes its parameters with it.
 """
 
 from .sddmm import kernel_available, sddmm, sddmm_torch
+from .spmm import spmm_add_, spmm_add_torch
 from .table import GatherTable
 
-__all__ = ["GatherTable", "kernel_available", "sddmm", "sddmm_torch"]
+__all__ = ["GatherTable", "kernel_available", "sddmm", "sddmm_torch", "spmm_add_",
+           "spmm_add_torch"]

@@ -21,7 +21,10 @@ transformers' Conv1D stores W as (in, out): the same function with the coordinat
 A plain nn.Linear or Conv1D takes the base product and its deltas as one function,
 :class:`LinearWithDeltas` (the deltas added into the base output in place and the input
 gradient into one buffer); the base layer followed by :class:`LinearDelta` is its slow twin
-and serves every other Linear (quantized or subclassed weights, autocast).
+and serves every other Linear (quantized or subclassed weights, autocast). Where Triton runs
+(CUDA), its in-place adds take :func:`~sparsetune.kernels.spmm_add_`: the bags' sums read in
+the input's own dtype straight from the transposed input and added into the output tile in
+float32, rounded once (no float32 copy of the input, no transposed result, no separate add).
 For an Embedding the delta of row ``id`` is added to every token with that id, and the
 values' gradient is :meth:`Plan.embedding_values <sparsetune.sparse_grad.Plan>`.
 
@@ -33,16 +36,18 @@ to the base output's dtype where it is added (``output + delta``).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..kernels import kernel_available, spmm_add_
 from ..sparse_grad import Plan
 
-__all__ = ["CSR_PER_LINE", "CsrLayout", "DeltaSpec", "EmbeddingDelta", "LinearDelta",
-           "LinearWithDeltas"]
+__all__ = ["CSR_PER_LINE", "DELTA_KERNEL", "CsrLayout", "DeltaSpec", "EmbeddingDelta",
+           "LinearDelta", "LinearWithDeltas"]
 
 #: The most entries per row plus column of M (k / (a + b)) at which the CPU products take MKL's
 #: CSR product. Measured on the 2-core x86 VM at 1 thread (N = 512-1024 tokens): the CSR
@@ -51,6 +56,10 @@ __all__ = ["CSR_PER_LINE", "CsrLayout", "DeltaSpec", "EmbeddingDelta", "LinearDe
 #: k ~ 1.8 (a + b): MiniLM's 0.5% layers (k / (a + b) ~ 1-1.5) take it, LoRA-count q/v masks
 #: (7.3% of 512 x 512, k / (a + b) ~ 19) the bags, 4-6x faster there.
 CSR_PER_LINE = 1.8
+
+#: Whether the in-place products take the Triton kernel where it runs (CUDA with Triton; the
+#: interpreter in tests). False: the embedding-bag twin (``benchmarks/gpu.py``'s bags row).
+DELTA_KERNEL = True
 
 
 class CsrLayout:
@@ -94,23 +103,38 @@ class CsrLayout:
         v = values if self.perm is None else values[self.perm]
         return self._product(self.crow, self.col, v, self.shape, dense)
 
+    def kernel_adds(self, out: Tensor, dense: Tensor, values: Tensor) -> bool:
+        """Whether :meth:`add_right_` / :meth:`add_left_` take the Triton kernel
+        (:func:`~sparsetune.kernels.spmm_add_`): :data:`DELTA_KERNEL` and the kernel runs for
+        every operand's device and dtype (CUDA with Triton; the interpreter in tests)."""
+        return DELTA_KERNEL and all(kernel_available(t.device.type, t.dtype)
+                                    for t in (out, dense, values))
+
+    def _add(self, out: Tensor, crow: Tensor, cols: Tensor, v: Tensor,
+             shape: tuple[int, int], dense: Tensor, twin: Callable[[], Tensor]) -> Tensor:
+        """out += dense @ M'^T for M' = (crow, cols, v) of ``shape``: MKL's CSR product where
+        :meth:`uses_csr` (all three in one dtype), the Triton kernel where
+        :meth:`kernel_adds` (float32 sums rounded once into out), else ``twin()`` added."""
+        if out.dtype == v.dtype == dense.dtype and self.uses_csr(v):
+            return _csr_add_(out, crow, cols, v, shape, dense)
+        if self.kernel_adds(out, dense, v):
+            return spmm_add_(out, dense.t().contiguous(), crow, cols, v)
+        return out.add_(twin().to(out.dtype))
+
     def add_right_(self, out: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-        """out += dense @ M^T in place, for out: (N, a) row-major, dense: (N, b), all three in
-        one dtype: where the CSR product is used (:meth:`uses_csr`), one CSR x dense
-        product written into out's transpose (a column-major (a, N) view), so neither
-        ``dense`` nor the result is transposed in memory; else ``right``'s result added."""
+        """out += dense @ M^T in place, for out: (N, a) row-major, dense: (N, b): MKL's CSR
+        product written into out's transpose (a column-major (a, N) view, see
+        :func:`_csr_add_`), the Triton kernel, or ``right``'s result added (:meth:`_add`)."""
         v = values if self.perm is None else values[self.perm]
-        if not self.uses_csr(v):
-            return out.add_(self.right(values, dense))
-        return _csr_add_(out, self.crow, self.col, v, self.shape, dense)
+        return self._add(out, self.crow, self.col, v, self.shape, dense,
+                         lambda: self.right(values, dense))
 
     def add_left_(self, out: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-        """out += dense @ M in place, for out: (N, b) row-major, dense: (N, a), all three in
-        one dtype (as :meth:`add_right_`, over M^T's CSR order)."""
+        """out += dense @ M in place, for out: (N, b) row-major, dense: (N, a) (as
+        :meth:`add_right_`, over M^T's CSR order)."""
         v = values if self.perm is None else values[self.perm]
-        if not self.uses_csr(v):
-            return out.add_(self.left(values, dense))
-        return _csr_add_(out, self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1], dense)
+        return self._add(out, self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1], dense,
+                         lambda: self.left(values, dense))
 
     def left(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M in ``values.dtype``; dense: (N, a) -> (N, b)."""
@@ -225,7 +249,7 @@ class LinearWithDeltas(torch.autograd.Function):
         w = weight.t() if transposed else weight  # (out, in)
         y = (torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t()))
         detached = [None if v is None else v.detach() for v in values]
-        in_place = _adds_in_place(y, specs, detached)
+        in_place = _adds_in_place(y, x2, specs, detached)
         total = None
         for spec, v, bv in zip(specs, detached[0::2], detached[1::2]):
             if in_place:
@@ -278,11 +302,16 @@ class LinearWithDeltas(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None, None, *grads)
 
 
-def _adds_in_place(y: Tensor, specs: tuple[DeltaSpec, ...], values: list[Tensor | None]) -> bool:
-    """Whether :class:`LinearWithDeltas` adds each delta into the output in turn: every
-    delta's values in the output's dtype and none with bias entries."""
-    return all(v.dtype == y.dtype for v in values[0::2]) and all(
-        spec.bias_indices is None for spec in specs)
+def _adds_in_place(y: Tensor, x2: Tensor, specs: tuple[DeltaSpec, ...],
+                   values: list[Tensor | None]) -> bool:
+    """Whether :class:`LinearWithDeltas` adds each delta into the output in turn: none with
+    bias entries, and every delta's values in the output's dtype or every delta's product the
+    Triton kernel (:meth:`CsrLayout.kernel_adds`, which sums in float32)."""
+    if any(spec.bias_indices is not None for spec in specs):
+        return False
+    weights = values[0::2]
+    return (all(v.dtype == y.dtype for v in weights)
+            or all(spec.layout.kernel_adds(y, x2, v) for spec, v in zip(specs, weights)))
 
 
 def _values_grad(plan: Plan, g: Tensor, x2: Tensor, transposed: bool) -> Tensor:
