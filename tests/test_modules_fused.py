@@ -194,3 +194,35 @@ def test_activation_checkpointing_and_compile_give_the_same_gradients():
         torch.testing.assert_close(results[name][0], results["eager"][0], rtol=1e-12, atol=1e-12)
         for a, b in zip(results[name][1], results["eager"][1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_with_its_own_instance_forward_keeps_it_and_gets_the_hook():
+    """accelerate's device-map hooks set an instance ``forward``: attach leaves it in place
+    (the deltas come from the hook) and remove() does not take it away."""
+    import functools
+
+    model = _model("linear", torch.float64, torch.device("cpu"))
+    calls = []
+
+    def wrapped(module, x):
+        calls.append(1)
+        return nn.Linear.forward(module, x)
+
+    model[0].forward = functools.partial(wrapped, model[0])
+    own = model[0].forward
+    x = torch.randn(4, 7, dtype=torch.float64)
+    bits = {n: torch.rand(p.shape) < 0.5 for n, p in model.named_parameters()}
+    handle = st.attach(model, st.Mask.from_dict(bits), name="a")
+    assert model[0].forward is own and isinstance(model[2].forward, slot._FusedForward)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.fill_(0.5)
+    slot.DeltaSlot.fuse = False
+    try:
+        ref = model(x)
+    finally:
+        slot.DeltaSlot.fuse = True
+    torch.testing.assert_close(model(x), ref, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2
+    handle.remove()
+    assert model[0].forward is own and "forward" not in model[2].__dict__

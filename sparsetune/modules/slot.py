@@ -153,7 +153,8 @@ class DeltaSlot(nn.Module):
         """Give ``layer`` its own forward back (the hook removed, or the fused forward)."""
         if self._hook is not None:
             self._hook.remove()
-        layer.__dict__.pop("forward", None)
+        if isinstance(layer.__dict__.get("forward"), _FusedForward):
+            del layer.__dict__["forward"]
 
     def applied(self) -> list[str]:
         """The names whose delta the forward adds: active and not merged."""
@@ -243,8 +244,10 @@ class DeltaSlot(nn.Module):
 def fusable_layer(layer: nn.Module) -> bool:
     """Whether ``layer``'s forward is replaced by :meth:`DeltaSlot.fused_forward`: exactly
     nn.Linear (not a subclass such as bitsandbytes' Linear4bit, whose own kernels must run) or
-    transformers' Conv1D."""
-    return type(layer) is nn.Linear or layer_kind(layer) == "conv1d"
+    transformers' Conv1D, without an instance ``forward`` of its own already (accelerate's
+    device-map hooks wrap the forward that way: it keeps its wrapper, the deltas a hook)."""
+    return ((type(layer) is nn.Linear or layer_kind(layer) == "conv1d")
+            and "forward" not in layer.__dict__)
 
 
 class _FusedForward:
