@@ -4,7 +4,9 @@ The embedded MiniLM (2-class head) on random token batches (default 16 x 64), on
 both: a seeded random p = 0.5% of every 2-D weight plus the whole head (classifier weight and
 bias). ``attach``: ``st.attach`` + ``torch.optim.AdamW`` (foreach) over the k values, base
 frozen; ``inplace``: ``st.prepare`` (sparse weight gradients) + ``st.SparseAdamW``, writing the
-base. Each runs in its own process, so that peak RSS (VmHWM, reset after the model, mask and
+base; ``attach_mkl``: attach with the CPU row products on MKL's CSR product instead of the C
+kernel (``functions.NATIVE = False``; what a machine without a C compiler gets). Each runs in
+its own process, so that peak RSS (VmHWM, reset after the model, mask and
 optimizer are built) is its own. Reports the median step time after warm-up and the peak RSS,
 and the attach / in-place ratios (target: both <= 1).
 
@@ -48,7 +50,7 @@ from benchmarks.optimizer import (  # noqa: E402
 
 __all__ = ["main", "run_variant"]
 
-VARIANTS = ("inplace", "attach")
+VARIANTS = ("inplace", "attach", "attach_mkl")
 CHILD_FLAG, RESULT_PREFIX = "--child", "RESULT "
 
 
@@ -68,7 +70,10 @@ def run_variant(variant: str, args: dict[str, Any]) -> dict[str, Any]:
     model, _ = load_pretrained(None, num_labels=2, seed=args["seed"])
     model.train()
     mask = _mask(model, args["density"], args["seed"])
-    if variant == "attach":
+    from sparsetune.modules import functions
+
+    functions.NATIVE = variant != "attach_mkl"
+    if variant.startswith("attach"):
         handle = st.attach(model, mask, name="task")
         opt = torch.optim.AdamW(handle.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
     else:
@@ -93,6 +98,7 @@ def run_variant(variant: str, args: dict[str, Any]) -> dict[str, Any]:
     return {"variant": variant, "num_selected": mask.num_selected,
             "step_median_s": statistics.median(times[args["warmup"]:]), "step_times_s": times,
             "peak_reset": reset, "rss_before_bytes": before, "peak_rss_bytes": peak,
+            "native_kernel": functions._native_ok(),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "step_median_s"]
         ratios["peak_rss_bytes_glibc_default"] = (timed["attach"]["peak_rss_bytes"]
                                                   / timed["inplace"]["peak_rss_bytes"])
+        ratios["step_median_s_mkl"] = (timed["attach_mkl"]["step_median_s"]
+                                       / timed["inplace"]["step_median_s"])
     live = _best(rows, ns.mmap_threshold, "peak_rss_bytes") if ns.mmap_threshold else None
     if live:
         ratios["peak_rss_bytes"] = (live["attach"]["peak_rss_bytes"]
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(ns.output_dir / name, results)
     for label, best in (("glibc default", timed), ("live peak", live)):
         for v, r in (best or {}).items():
-            print(f"{label:14s} {v:8s} step {r['step_median_s'] * 1e3:8.1f} ms  peak RSS "
+            print(f"{label:14s} {v:10s} step {r['step_median_s'] * 1e3:8.1f} ms  peak RSS "
                   f"{r['peak_rss_bytes'] / 2**20:8.1f} MB  k={r['num_selected']:,}")
     print("attach / inplace:", {k: round(v, 3) for k, v in ratios.items()})
     return results

@@ -3,6 +3,11 @@
 Every hypothesis test runs under the ``sparsetune`` profile: no deadline (torch's first call
 into a kernel is slow and would trip it), few examples, derandomized so a run is reproducible.
 
+A Triton kernel's test module names its kernel module ``KERNEL`` and takes the
+``interpreter`` fixture: ``TRITON_INTERPRET=1`` for the rest of that module, with the kernel
+module imported afresh (Triton picks the interpreter when the kernels are defined, at import)
+and any compiled build of it restored after.
+
 Device-dependent tests take the ``device`` fixture: CPU always, CUDA too where
 ``torch.cuda.is_available()``. Every test that uses it is marked ``device``, so ``pytest -m
 device`` runs exactly those (on a GPU machine: both halves).
@@ -10,7 +15,9 @@ device`` runs exactly those (on a GPU machine: both halves).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 import torch
@@ -27,6 +34,22 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("sparsetune")
+
+
+@pytest.fixture(scope="module")
+def interpreter(request: pytest.FixtureRequest) -> Iterator[None]:
+    """``TRITON_INTERPRET=1`` for the rest of the requesting module (module docstring), whose
+    ``KERNEL`` names the Triton kernel module to import afresh."""
+    kernel = request.module.KERNEL
+    assert importlib.util.find_spec("triton") is not None, (
+        "triton is a test dependency (the gpu extra): run `make install`")
+    saved = sys.modules.pop(kernel, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+    sys.modules.pop(kernel, None)
+    if saved is not None:
+        sys.modules[kernel] = saved
 
 
 class TinyMLP(nn.Module):

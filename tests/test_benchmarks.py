@@ -52,8 +52,10 @@ def test_attach_benchmark_quick(tmp_path):
                           "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path)])
     written = json.loads((tmp_path / "attach.json").read_text())
     assert written["attach_over_inplace"] == result["attach_over_inplace"]
-    assert all("error" not in r for r in result["rows"]) and len(result["rows"]) == 4
+    assert all("error" not in r for r in result["rows"]) and len(result["rows"]) == 6
     assert {r["mmap_threshold"] for r in result["rows"]} == {0, 65536}
     assert set(result["attach_over_inplace"]) == {
-        "step_median_s", "peak_rss_bytes", "peak_rss_bytes_glibc_default"}
+        "step_median_s", "step_median_s_mkl", "peak_rss_bytes", "peak_rss_bytes_glibc_default"}
+    native = {r["variant"]: r["native_kernel"] for r in result["rows"]}
+    assert native["attach"] and not native["attach_mkl"]
     assert len({r["num_selected"] for r in result["rows"]}) == 1  # one mask for both

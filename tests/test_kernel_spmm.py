@@ -3,8 +3,9 @@ out (N, a) += (M x^T)^T, the Triton kernel against float64 dense references and 
 and the fused delta layer taking it.
 
 The kernel runs here under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors), set by
-a module fixture that also sets aside any compiled build of the kernel module (Triton picks the
-interpreter when the ``@triton.jit`` functions are defined, at import) and restores it after.
+conftest's ``interpreter`` fixture, which also sets aside any compiled build of the kernel
+module (Triton picks the interpreter when the ``@triton.jit`` functions are defined, at import)
+and restores it after.
 The kernel sums in float32 and rounds once into out; the bound for 16-bit outputs is one unit
 in the last place of the result plus the float32 sums' error.
 """
@@ -12,7 +13,6 @@ in the last place of the result plus the float32 sums' error.
 from __future__ import annotations
 
 import importlib.util
-import sys
 import warnings
 
 import pytest
@@ -25,7 +25,6 @@ import sparsetune as st
 from sparsetune.kernels import spmm_add_, spmm_add_torch
 from sparsetune.modules import functions
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL = "sparsetune.kernels._spmm_triton"
 
 # (N tokens, a rows of M, b columns, density, out dtype, values dtype): N and a off the block
@@ -36,19 +35,6 @@ CASES = [(37, 50, 70, 0.1, torch.bfloat16, torch.float32),
          (1, 8, 8, 0.5, torch.bfloat16, torch.float32),
          (70, 10, 10, 0.0, torch.float32, torch.float32),
          (130, 40, 3, 0.9, torch.float32, torch.float32)]
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """``TRITON_INTERPRET=1`` for the rest of this module, the kernel module imported afresh."""
-    assert HAS_TRITON, "triton is a test dependency (the gpu extra): run `make install`"
-    saved = sys.modules.pop(KERNEL, None)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-    sys.modules.pop(KERNEL, None)
-    if saved is not None:
-        sys.modules[KERNEL] = saved
 
 
 def _problem(n, a, b, density, out_dtype, values_dtype, seed=0, index_dtype=torch.int64):
@@ -121,7 +107,8 @@ def test_fused_layer_takes_the_kernel_and_equals_the_twin(interpreter, monkeypat
     original = kernel_module.spmm_add_triton
     monkeypatch.setattr(kernel_module, "spmm_add_triton",
                         lambda *a: launches.append(1) or original(*a))
-    monkeypatch.setattr(functions, "CSR_PER_LINE", 0.0)  # fp32 on the CPU: not MKL's CSR
+    monkeypatch.setattr(functions, "CSR_PER_LINE", 0.0)  # fp32 on the CPU: not a CSR row
+    monkeypatch.setattr(functions, "NATIVE", False)  # product (MKL's or the C kernel)
 
     def run(fuse: bool):
         torch.manual_seed(0)

@@ -2,11 +2,11 @@
 tensors through a table of their addresses, and the flat optimizer step built on it (issue 23).
 
 The kernel runs here under the Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors, where
-the table's addresses are host addresses). The variable is set by a module fixture, which also
-sets aside any compiled build of :mod:`sparsetune.kernels._table_triton` (Triton picks the
-interpreter when the ``@triton.jit`` functions are defined, at import) and restores it after,
-so the rest of the session is left alone. Every comparison is exact: the kernel only moves
-values (casts in it are widening, exact; rounding casts are torch's).
+the table's addresses are host addresses). The variable is set by conftest's ``interpreter``
+fixture, which also sets aside any compiled build of :mod:`sparsetune.kernels._table_triton`
+(Triton picks the interpreter when the ``@triton.jit`` functions are defined, at import) and
+restores it after, so the rest of the session is left alone. Every comparison is exact: the
+kernel only moves values (casts in it are widening, exact; rounding casts are torch's).
 """
 
 from __future__ import annotations
@@ -37,19 +37,6 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 KERNEL = "sparsetune.kernels._table_triton"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-@pytest.fixture(scope="module")
-def interpreter():
-    """``TRITON_INTERPRET=1`` for the rest of this module, the kernel module imported afresh."""
-    assert HAS_TRITON, "triton is a test dependency (the gpu extra): run `make install`"
-    saved = sys.modules.pop(KERNEL, None)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        yield
-    sys.modules.pop(KERNEL, None)
-    if saved is not None:
-        sys.modules[KERNEL] = saved
 
 
 @pytest.fixture

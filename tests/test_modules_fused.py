@@ -107,10 +107,12 @@ def test_fused_layer_equals_the_base_forward_plus_delta_functions(
         _close(grads[name], ref_grads[name], dtype)
 
 
-@pytest.mark.parametrize("csr_per_line", [0.0, 1e9], ids=["bags", "csr"])
+@pytest.mark.parametrize("route", [(0.0, False), (1e9, False), (1e9, True)],
+                         ids=["bags", "mkl", "native"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-def test_both_cpu_products_and_unfrozen_base_gradients(monkeypatch, dtype, csr_per_line):
-    monkeypatch.setattr(functions, "CSR_PER_LINE", csr_per_line)
+def test_every_cpu_product_and_unfrozen_base_gradients(monkeypatch, dtype, route):
+    monkeypatch.setattr(functions, "CSR_PER_LINE", route[0])
+    monkeypatch.setattr(functions, "NATIVE", route[1])
     cpu = torch.device("cpu")
     for kind in ("linear", "conv1d"):
         out, gx, grads, calls = _run(kind, dtype, 3, True, False, cpu, fuse=True, unfreeze=True)

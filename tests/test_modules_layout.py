@@ -29,27 +29,36 @@ def test_right_and_left_equal_the_dense_products(a, b, n, density, seed):
     torch.testing.assert_close(right, x @ dense_m.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(left, y @ dense_m, rtol=1e-12, atol=1e-12)
     assert right.is_contiguous() and left.is_contiguous()
-    # both products, whichever was measured faster: MKL's CSR product into a transposed output
-    # (fp32/fp64 on the CPU) and the embedding-bag sums (everywhere; bf16 and CUDA values)
+    # every product, whichever is taken: the C kernel and MKL's CSR product (fp32/fp64 on the
+    # CPU) and the embedding-bag sums (everywhere; bf16 and CUDA values)
     v = values if layout.perm is None else values[layout.perm]
     vt = v[layout.perm_t]
     for product in (lambda c, r, w, s_, d: functions._bags(c, r, w, d.t().contiguous()),
-                    lambda c, r, w, s_, d: functions._csr_mm(r, c, w, s_, d)):
+                    lambda c, r, w, s_, d: functions._csr_mm(r, c, w, s_, d),
+                    lambda c, r, w, s_, d: functions._csr_mm(r, c, w, s_, d, native=True)):
         torch.testing.assert_close(product(layout.col, layout.crow, v, (a, b), x), right,
                                    rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(product(layout.col_t, layout.crow_t, vt, (b, a), y), left,
                                    rtol=1e-12, atol=1e-12)
-    assert layout.uses_csr(values) == (values.numel() <= functions.CSR_PER_LINE * (a + b))
-    assert not layout.uses_csr(values.bfloat16())
+    per_line = values.numel() / (a + b)
+    expected = ("native" if per_line <= functions.NATIVE_PER_LINE else None)
+    assert layout.cpu_route(values) == expected
+    assert layout.uses_csr(values) == (expected is not None)
+    assert layout.cpu_route(values.bfloat16()) is None
     assert functions._csr_mm_ok(values) and not functions._csr_mm_ok(values.bfloat16())
     # 16-bit inputs are computed in the values' dtype
     r16 = layout.right(values.float(), x.to(torch.bfloat16))
     assert r16.dtype == torch.float32
     # in place into a row-major output (what the attached Linear's output gets on CPU)
-    original = functions.CSR_PER_LINE
+    original = functions.CSR_PER_LINE, functions.NATIVE
     try:
-        for dtype, per_line in [(d, c) for d in (torch.float64, torch.float32) for c in (0, 1e9)]:
-            functions.CSR_PER_LINE = per_line  # both branches of the in-place add: bags, CSR
+        for dtype, (per_line, native) in [(d, r) for d in (torch.float64, torch.float32)
+                                          for r in ((0, False), (1e9, False), (1e9, True))]:
+            # every branch of the in-place add: bags, MKL's CSR product, the C kernel
+            functions.CSR_PER_LINE, functions.NATIVE = per_line, native
+            route = layout.cpu_route(values)
+            bags = per_line == 0 and values.numel() > 0  # (k = 0 is within any limit)
+            assert route == (None if bags else "native" if native else "mkl")
             base = torch.randn(n, a, generator=g, dtype=torch.float64).to(dtype)
             out = base.clone()
             tol = {} if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
@@ -63,4 +72,4 @@ def test_right_and_left_equal_the_dense_products(a, b, n, density, seed):
             torch.testing.assert_close(out, base + y.to(dtype) @ dense_m.to(dtype), **tol)
             assert out.is_contiguous()
     finally:
-        functions.CSR_PER_LINE = original
+        functions.CSR_PER_LINE, functions.NATIVE = original

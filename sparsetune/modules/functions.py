@@ -4,10 +4,13 @@ For a Linear (W0: (out, in)), S holds k values v at (row r_j, column c_j) and th
 output is (x S^T)[n, r_j] += x[n, c_j] v_j: S in CSR order, every output feature r a weighted
 "bag" of input features, ``embedding_bag`` over the (in, N) transposed input (k N multiply-adds
 plus two transposed copies; 10x faster than gathering the k input columns and
-``index_add``-ing them). On the CPU in fp32/fp64, MKL's CSR product written into a transposed
-output needs no transposed copy but costs some 15x more per multiply-add: it wins on very
-sparse layers and loses on denser ones, so it is taken up to :data:`CSR_PER_LINE` entries per
-row plus column, by a fixed rule of the shapes (the same summation order in every run). Results are
+``index_add``-ing them). On the CPU in fp32/fp64 the row products read x and write the output
+row-major, with no transposed copy: the C kernel :func:`~sparsetune.kernels.native_spmm_add_`
+(compiled on first use; up to :data:`NATIVE_PER_LINE` entries per row plus column of M, 2-4x
+faster than MKL below that), or, without a C compiler, MKL's CSR product written into a
+transposed output (up to :data:`CSR_PER_LINE`; it costs some 15x more per multiply-add than the
+bags, so it loses on denser layers). Which product a layer takes is a fixed rule of its shapes
+(the same summation order in every run of one installation). Results are
 returned row-major: a transposed result slows every later op on it some 5x on CPU. Nothing
 dense of W's size is built: neither W0 + S nor S. The backward gives
 
@@ -43,11 +46,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels import kernel_available, spmm_add_
+from ..kernels import kernel_available, native_available, native_spmm_add_, spmm_add_
 from ..sparse_grad import Plan
 
-__all__ = ["CSR_PER_LINE", "DELTA_KERNEL", "CsrLayout", "DeltaSpec", "EmbeddingDelta",
-           "LinearDelta", "LinearWithDeltas"]
+__all__ = ["CSR_PER_LINE", "DELTA_KERNEL", "NATIVE", "NATIVE_PER_LINE", "CsrLayout", "DeltaSpec",
+           "EmbeddingDelta", "LinearDelta", "LinearWithDeltas"]
 
 #: The most entries per row plus column of M (k / (a + b)) at which the CPU products take MKL's
 #: CSR product. Measured on the 2-core x86 VM at 1 thread (N = 512-1024 tokens): the CSR
@@ -56,6 +59,16 @@ __all__ = ["CSR_PER_LINE", "DELTA_KERNEL", "CsrLayout", "DeltaSpec", "EmbeddingD
 #: k ~ 1.8 (a + b): MiniLM's 0.5% layers (k / (a + b) ~ 1-1.5) take it, LoRA-count q/v masks
 #: (7.3% of 512 x 512, k / (a + b) ~ 19) the bags, 4-6x faster there.
 CSR_PER_LINE = 1.8
+
+#: The most entries per row plus column of M at which the CPU products take the C kernel
+#: (:func:`~sparsetune.kernels.native_spmm_add_`). Measured on the 2-core x86 VM, 2 threads,
+#: N = 1024 (``benchmarks/attach.py``'s shapes and 512 x 512, 2048 x 2048): 0.18-1.2 ms per
+#: product at k / (a + b) <= 2, 2-4x faster than MKL's CSR product and 4-10x than the bags; even
+#: with both near k / (a + b) ~ 16 (2048 x 2048 at 16: native 16.5, MKL 11.7, bags 16.8 ms).
+NATIVE_PER_LINE = 10.0
+
+#: Whether the CPU row products take the C kernel where it compiles (False: MKL's, the twin).
+NATIVE = True
 
 #: Whether the in-place products take the Triton kernel where it runs (CUDA with Triton; the
 #: interpreter in tests). False: the embedding-bag twin (``benchmarks/gpu.py``'s bags row).
@@ -83,19 +96,32 @@ class CsrLayout:
         self.crow_t[1:] = torch.cumsum(torch.bincount(cols, minlength=shape[1]), 0)
         self.col_t = rows[self.perm_t].to(small).contiguous()
 
+    def cpu_route(self, values: Tensor) -> str | None:
+        """Which row product serves these values: ``"native"`` (the C kernel, where it
+        compiles and :data:`NATIVE`) up to :data:`NATIVE_PER_LINE` entries per row plus column
+        of M, else ``"mkl"`` (MKL's CSR product) up to :data:`CSR_PER_LINE`, for fp32/fp64
+        values on the CPU; None: the embedding bags (:func:`_bags`). A fixed rule of the
+        shapes, so every run and every process of one installation sums in the same order."""
+        if not _csr_mm_ok(values):
+            return None
+        native = _native_ok()
+        limit = NATIVE_PER_LINE if native else CSR_PER_LINE
+        if values.numel() > limit * sum(self.shape):
+            return None
+        return "native" if native else "mkl"
+
     def uses_csr(self, values: Tensor) -> bool:
-        """Whether the products take MKL's CSR product (:func:`_csr_mm`) rather than the
-        embedding bags (:func:`_bags`): fp32/fp64 values on the CPU and at most
-        :data:`CSR_PER_LINE` entries per row plus column of M. A fixed rule of the shapes, so
-        every run and every process sums in the same order."""
-        return _csr_mm_ok(values) and values.numel() <= CSR_PER_LINE * sum(self.shape)
+        """Whether the products take a CSR row product (:meth:`cpu_route`: the C kernel or
+        MKL's) rather than the embedding bags."""
+        return self.cpu_route(values) is not None
 
     def _product(self, crow: Tensor, cols: Tensor, v: Tensor, shape: tuple[int, int],
                  dense: Tensor) -> Tensor:
         """dense @ M'^T for M' = (crow, cols, v) of ``shape`` (:meth:`uses_csr` decides how)."""
         dense = dense.to(v.dtype)
-        if self.uses_csr(v):
-            return _csr_mm(crow, cols, v, shape, dense)
+        route = self.cpu_route(v)
+        if route is not None:
+            return _csr_mm(crow, cols, v, shape, dense, native=route == "native")
         return _bags(cols, crow, v, dense.t().contiguous())
 
     def right(self, values: Tensor, dense: Tensor) -> Tensor:
@@ -112,19 +138,20 @@ class CsrLayout:
 
     def _add(self, out: Tensor, crow: Tensor, cols: Tensor, v: Tensor,
              shape: tuple[int, int], dense: Tensor, twin: Callable[[], Tensor]) -> Tensor:
-        """out += dense @ M'^T for M' = (crow, cols, v) of ``shape``: MKL's CSR product where
-        :meth:`uses_csr` (all three in one dtype), the Triton kernel where
+        """out += dense @ M'^T for M' = (crow, cols, v) of ``shape``: the CSR row product of
+        :meth:`cpu_route` (all three in one dtype), the Triton kernel where
         :meth:`kernel_adds` (float32 sums rounded once into out), else ``twin()`` added."""
-        if out.dtype == v.dtype == dense.dtype and self.uses_csr(v):
-            return _csr_add_(out, crow, cols, v, shape, dense)
+        route = self.cpu_route(v) if out.dtype == v.dtype == dense.dtype else None
+        if route is not None:
+            return _csr_add_(out, crow, cols, v, shape, dense, native=route == "native")
         if self.kernel_adds(out, dense, v):
             return spmm_add_(out, dense.t().contiguous(), crow, cols, v)
         return out.add_(twin().to(out.dtype))
 
     def add_right_(self, out: Tensor, values: Tensor, dense: Tensor) -> Tensor:
-        """out += dense @ M^T in place, for out: (N, a) row-major, dense: (N, b): MKL's CSR
-        product written into out's transpose (a column-major (a, N) view, see
-        :func:`_csr_add_`), the Triton kernel, or ``right``'s result added (:meth:`_add`)."""
+        """out += dense @ M^T in place, for out: (N, a) row-major, dense: (N, b): a CSR row
+        product written into out (:func:`_csr_add_`), the Triton kernel, or ``right``'s result
+        added (:meth:`_add`)."""
         v = values if self.perm is None else values[self.perm]
         return self._add(out, self.crow, self.col, v, self.shape, dense,
                          lambda: self.right(values, dense))
@@ -148,12 +175,20 @@ def _csr_mm_ok(values: Tensor) -> bool:
     return values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
 
 
+def _native_ok() -> bool:
+    """Whether the CPU row products take the C kernel: :data:`NATIVE` and it compiled."""
+    return NATIVE and native_available()
+
+
 def _csr_add_(out: Tensor, crow: Tensor, cols: Tensor, values: Tensor,
-              shape: tuple[int, int], dense: Tensor) -> Tensor:
+              shape: tuple[int, int], dense: Tensor, native: bool = False) -> Tensor:
     """out += dense @ M^T for M: (a, b) in CSR (crow, cols, values), dense: (N, b), out:
-    (N, a) row-major: the CSR product M dense^T written into out's (a, N) column-major
-    transpose, so neither operand nor the result is copied into a transposed layout (which
-    costs more than the product itself on the CPU)."""
+    (N, a) row-major, neither operand nor the result copied into a transposed layout (which
+    costs more than the product itself on the CPU): the C kernel where ``native`` and both have
+    unit last strides, else MKL's CSR product M dense^T written into out's (a, N)
+    column-major transpose."""
+    if native and _unit_last(out) and _unit_last(dense):
+        return native_spmm_add_(out, dense, crow, cols, values, check=False)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, fine
         warnings.simplefilter("ignore", UserWarning)
         matrix = torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
@@ -161,12 +196,16 @@ def _csr_add_(out: Tensor, crow: Tensor, cols: Tensor, values: Tensor,
     return out
 
 
+def _unit_last(t: Tensor) -> bool:
+    return t.stride(-1) == 1 or t.shape[-1] <= 1
+
+
 def _csr_mm(crow: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int],
-            dense: Tensor) -> Tensor:
+            dense: Tensor, native: bool = False) -> Tensor:
     """dense @ M^T for M: (a, b) in CSR (crow, cols, values) and dense: (N, b) -> (N, a)
     row-major (:func:`_csr_add_` into zeros)."""
     out = torch.zeros(dense.shape[0], shape[0], dtype=values.dtype, device=values.device)
-    return _csr_add_(out, crow, cols, values, shape, dense)
+    return _csr_add_(out, crow, cols, values, shape, dense, native=native)
 
 
 def _bags(cols: Tensor, crow: Tensor, values: Tensor, table: Tensor) -> Tensor:
