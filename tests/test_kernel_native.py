@@ -190,3 +190,31 @@ def test_without_the_kernel_the_layout_takes_mkl_and_calls_say_why(fresh, monkey
     layout = CsrLayout(torch.tensor([0, 2, 4]), torch.tensor([1, 0, 3]), (5, 4))
     assert layout.cpu_route(torch.ones(3)) == "mkl"
     assert functions.CSR_PER_LINE < functions.NATIVE_PER_LINE
+
+
+def _forked_product(queue, args):
+    queue.put(native_spmm_add_(*args).tolist())
+
+
+def test_a_forked_child_runs_the_kernel_on_one_thread():
+    """GNU OpenMP's pool does not survive a fork: a child forked after the parent ran the
+    kernel on 2 threads runs it on one (no hang) and gets the same bits."""
+    import multiprocessing
+
+    _, crow, cols, values, x, out = _problem(40, 30, 20, 0.3, torch.float32, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = native_spmm_add_(out.clone(), x, crow, cols, values)
+        assert native._threads() == 2
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_forked_product, args=(queue, (out.clone(), x, crow, cols,
+                                                                  values)))
+        child.start()
+        got = queue.get(timeout=60)
+        child.join(60)
+    finally:
+        torch.set_num_threads(threads)
+    assert child.exitcode == 0
+    assert torch.equal(torch.tensor(got), expected)

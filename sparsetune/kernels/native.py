@@ -7,8 +7,9 @@ and adds them to out[n, r] (float32 sums for float32 operands, float64 for float
 multiply-adds and no transposed copy of x or out, where torch's CPU routes (MKL's CSR product
 into a transposed output, or embedding bags over x^T) pay more for the transposes than for
 the products (``benchmarks/attach.py``: 2-4x faster per product on MiniLM's 0.5% layers).
-Tokens are split across ``torch.get_num_threads()`` OpenMP threads by blocks; each output
-entry is summed by one thread in one order, so results do not depend on the thread count.
+Tokens are split across ``torch.get_num_threads()`` OpenMP threads by blocks (one thread in a
+process forked after the kernel was loaded); each output entry is summed by one thread in one
+order, so results do not depend on the thread count.
 
 The C source below is compiled on first use by the system C compiler (``$CC``, else ``cc``,
 ``gcc`` or ``clang``) with ``-O3 -march=native -fopenmp`` (OpenMP dropped if the compiler
@@ -59,7 +60,7 @@ int NAME(int64_t a, int64_t b, int64_t k, const I* crow, const I* col) { \
 void NAME(int64_t n, int64_t a, const T* x, int64_t ldx, T* out, int64_t ldo, \
           const I* crow, const I* col, const T* v, int nthreads) { \
   int64_t nb = (n + RB - 1) / RB; \
-  _Pragma("omp parallel for num_threads(nthreads) schedule(static)") \
+  _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)") \
   for (int64_t blk = 0; blk < nb; ++blk) { \
     int64_t r0 = blk * RB; \
     if (r0 + RB <= n) { \
@@ -226,7 +227,7 @@ def _load() -> ctypes.CDLL | None:
         for name in ("st_spmm_f32_i64", "st_spmm_f32_i32", "st_spmm_f64_i64",
                      "st_spmm_f64_i32"):
             getattr(lib, name).restype = None
-        _state["lib"] = lib
+        _state["lib"], _state["pid"] = lib, os.getpid()
         return lib
 
 
@@ -239,6 +240,12 @@ def native_unavailable_reason() -> str | None:
     """Why :func:`native_available` is False (None where it is True)."""
     _load()
     return _state.get("reason")  # type: ignore[return-value]
+
+
+def _threads() -> int:
+    """torch's thread count; 1 in a process forked after the library was loaded (GNU OpenMP's
+    thread pool does not survive a fork, so a forked child never starts one)."""
+    return max(1, torch.get_num_threads()) if _state.get("pid") == os.getpid() else 1
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
@@ -309,5 +316,5 @@ def native_spmm_add_(out: Tensor, x: Tensor, crow: Tensor, cols: Tensor, values:
     getattr(lib, f"st_spmm_{_DTYPES[out.dtype]}_{index}")(
         ctypes.c_int64(out.shape[0]), ctypes.c_int64(a), _ptr(x), ctypes.c_int64(x.stride(0)),
         _ptr(out), ctypes.c_int64(out.stride(0)), _ptr(crow), _ptr(cols), _ptr(values),
-        ctypes.c_int(max(1, torch.get_num_threads())))
+        ctypes.c_int(_threads()))
     return out

@@ -187,7 +187,7 @@ def _csr_add_(out: Tensor, crow: Tensor, cols: Tensor, values: Tensor,
     costs more than the product itself on the CPU): the C kernel where ``native`` and both have
     unit last strides, else MKL's CSR product M dense^T written into out's (a, N)
     column-major transpose."""
-    if native and _unit_last(out) and _unit_last(dense):
+    if native and _unit_last(out) and _unit_last(dense) and crow.dtype == cols.dtype:
         return native_spmm_add_(out, dense, crow, cols, values, check=False)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, fine
         warnings.simplefilter("ignore", UserWarning)
