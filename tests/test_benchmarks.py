@@ -48,14 +48,33 @@ def test_sparse_training_benchmark_quick(tmp_path):
 def test_attach_benchmark_quick(tmp_path):
     from benchmarks import attach
 
-    result = attach.main(["--steps", "3", "--warmup", "1", "--batch", "2", "--length", "8",
-                          "--repeats", "1", "--threads", "1", "--output-dir", str(tmp_path)])
+    result = attach.main(["--steps", "3", "--rounds", "3", "--warmup", "1", "--batch", "2",
+                          "--length", "8", "--repeats", "1", "--threads", "1",
+                          "--output-dir", str(tmp_path)])
     written = json.loads((tmp_path / "attach.json").read_text())
     assert written["attach_over_inplace"] == result["attach_over_inplace"]
     assert all("error" not in r for r in result["rows"]) and len(result["rows"]) == 6
     assert {r["mmap_threshold"] for r in result["rows"]} == {0, 65536}
     assert set(result["attach_over_inplace"]) == {
-        "step_median_s", "step_median_s_mkl", "peak_rss_bytes", "peak_rss_bytes_glibc_default"}
+        "step_median_s", "step_median_s_mkl", "step_median_s_separate", "peak_rss_bytes",
+        "peak_rss_bytes_glibc_default"}
+    interleaved = result["interleaved"]
+    assert set(interleaved["variants"]) == set(attach.VARIANTS)
+    assert all(len(v["step_times_s"]) == 3 for v in interleaved["variants"].values())
+    assert result["attach_over_inplace"]["step_median_s"] == interleaved[
+        "paired_ratio_median"]["attach"]
     native = {r["variant"]: r["native_kernel"] for r in result["rows"]}
     assert native["attach"] and not native["attach_mkl"]
     assert len({r["num_selected"] for r in result["rows"]}) == 1  # one mask for both
+
+
+def test_delta_products_benchmark_quick(tmp_path):
+    from benchmarks import delta_products
+
+    result = delta_products.main(["--quick", "--output-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "delta_products-quick.json").read_text())
+    assert written["rows"] == result["rows"] and len(result["rows"]) == 2
+    assert result["native_kernel"]  # CI has a C compiler (test_kernel_native)
+    for row in result["rows"]:
+        assert set(row["median_ms"]) == {"native", "mkl", "bags"}
+        assert row["layout_route"] == "native"  # both within NATIVE_PER_LINE

@@ -218,3 +218,34 @@ def test_a_forked_child_runs_the_kernel_on_one_thread():
         torch.set_num_threads(threads)
     assert child.exitcode == 0
     assert torch.equal(torch.tensor(got), expected)
+
+
+def test_flags_the_compiler_refuses_are_dropped(fresh, monkeypatch, tmp_path):
+    """A compiler without -march=native (as some clang builds): compiled without it, with
+    OpenMP, and the kernel still right."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    log = tmp_path / "calls.txt"
+    wrapper = tmp_path / "fussy-cc"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {log}\ncase "$*" in *-march=native*) '
+                       f'echo "error: unsupported option -march=native" >&2; exit 1;; esac\n'
+                       f'exec {cc} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.native_available(), native.native_unavailable_reason()
+    calls = [line.split() for line in log.read_text().splitlines() if "--version" not in line]
+    assert "-march=native" in calls[0] and "-fopenmp" in calls[0]
+    assert "-march=native" not in calls[-1] and "-fopenmp" in calls[-1]
+    dense, crow, cols, values, x, out = _problem(11, 6, 7, 0.4, torch.float64)
+    torch.testing.assert_close(native_spmm_add_(out.clone(), x, crow, cols, values),
+                               out + x @ dense.t(), rtol=1e-12, atol=1e-12)
+
+
+def test_an_unwritable_cache_folder_leaves_the_kernel_unavailable(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("SPARSETUNE_CACHE", str(blocker))
+    assert not native.native_available()
+    assert "could not compile into" in native.native_unavailable_reason()
+    layout = CsrLayout(torch.tensor([0, 1]), torch.tensor([1, 0]), (2, 2))
+    assert layout.cpu_route(torch.ones(2)) == "mkl"

@@ -12,12 +12,13 @@ process forked after the kernel was loaded); each output entry is summed by one 
 order, so results do not depend on the thread count.
 
 The C source below is compiled on first use by the system C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``) with ``-O3 -march=native -fopenmp`` (OpenMP dropped if the compiler
-lacks it) into ``$SPARSETUNE_CACHE/native`` (default ``~/.cache/sparsetune/native``), named by
-a hash of the source, flags, compiler and CPU, written to a temporary file in that folder and
-renamed (stale temporary files are removed). Without a compiler, or with ``SPARSETUNE_NATIVE=0``,
-:func:`native_available` is False (:func:`native_unavailable_reason` says why) and callers take
-the torch twin (:func:`~sparsetune.kernels.spmm_add_torch`). Indices are checked in C before
+``gcc`` or ``clang``) with ``-O3 -march=native -fopenmp`` (either dropped where the compiler
+refuses it) into ``$SPARSETUNE_CACHE/native`` (default ``~/.cache/sparsetune/native``), named
+by a hash of the source, flags, compiler and CPU, written to a temporary file in that folder
+and renamed (stale temporary files are removed). Without a compiler or a writable folder, or
+with ``SPARSETUNE_NATIVE=0``, :func:`native_available` is False
+(:func:`native_unavailable_reason` says why) and callers take the torch twin
+(:func:`~sparsetune.kernels.spmm_add_torch`) or MKL's product. Indices are checked in C before
 any write: a bad CSR raises ValueError and leaves out untouched.
 """
 
@@ -99,7 +100,9 @@ SPMM(st_spmm_f64_i64, double, int64_t)
 SPMM(st_spmm_f64_i32, double, int32_t)
 """.replace("@BLOCK@", str(BLOCK_TOKENS))
 
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-shared", "-fPIC")
+#: Optional flags, dropped in this order where the compiler refuses them.
+_OPTIONAL = (("-march=native", "-fopenmp"), ("-march=native",), ("-fopenmp",), ())
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _INDEX = {torch.int64: "i64", torch.int32: "i32"}
 _STALE_SECONDS = 3600.0
@@ -149,18 +152,19 @@ def _clean_stale(folder: Path) -> None:
 
 def _compile(cc: list[str], target: Path) -> str | None:
     """Compile _SOURCE into target (temporary file in its folder, fsync, rename); None, or
-    the compiler's complaint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(target.parent)
-    src_fd, src = tempfile.mkstemp(prefix=".tmp-", suffix=".c", dir=target.parent)
-    out_fd, out = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
-    os.close(out_fd)
+    why not (the compiler's complaint, an unwritable folder)."""
+    src = out = ""
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(target.parent)
+        src_fd, src = tempfile.mkstemp(prefix=".tmp-", suffix=".c", dir=target.parent)
+        out_fd, out = tempfile.mkstemp(prefix=".tmp-", suffix=".so", dir=target.parent)
+        os.close(out_fd)
         with os.fdopen(src_fd, "w") as f:
             f.write(_SOURCE)
         error = ""
-        for openmp in (["-fopenmp"], []):  # OpenMP where the compiler has it
-            run = subprocess.run([*cc, *_FLAGS, *openmp, src, "-o", out],
+        for optional in _OPTIONAL:  # -march=native and OpenMP where the compiler has them
+            run = subprocess.run([*cc, *_FLAGS, *optional, src, "-o", out],
                                  capture_output=True, text=True, timeout=300)
             if run.returncode == 0:
                 with open(out, "rb") as f:
@@ -171,10 +175,10 @@ def _compile(cc: list[str], target: Path) -> str | None:
             error = lines[-1] if lines else f"exit status {run.returncode}"
         return f"{' '.join(cc)} failed: {error}"
     except (OSError, subprocess.SubprocessError) as exc:
-        return f"{' '.join(cc)} could not run: {exc}"
+        return f"could not compile into {target.parent}: {exc}"
     finally:
         for p in (src, out):
-            if os.path.exists(p):
+            if p and os.path.exists(p):
                 os.unlink(p)
 
 
@@ -191,7 +195,7 @@ def _target() -> tuple[list[str], Path] | str:
                                  timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{' '.join(cc)} could not run: {exc}"
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS), " ".join(cc), version,
+    key = hashlib.sha256("\0".join([_SOURCE, repr((_FLAGS, _OPTIONAL)), " ".join(cc), version,
                                     platform.machine(), _cpu_id()]).encode()).hexdigest()
     return cc, _cache_dir() / f"spmm-{key[:20]}.so"
 
