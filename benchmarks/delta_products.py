@@ -35,7 +35,7 @@ from sparsetune.modules import CsrLayout, functions  # noqa: E402
 __all__ = ["main"]
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (512, 512), (2048, 2048)]
-PER_LINE = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+PER_LINE = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 QUICK_SHAPES, QUICK_PER_LINE = [(24, 16)], [1.0, 4.0]
 
 

@@ -6,7 +6,8 @@ each row r of M, the kernel sums v_j x[n, c_j] over r's entries in CSR order int
 and adds them to out[n, r] (float32 sums for float32 operands, float64 for float64): k N
 multiply-adds and no transposed copy of x or out, where torch's CPU routes (MKL's CSR product
 into a transposed output, or embedding bags over x^T) pay more for the transposes than for
-the products (``benchmarks/attach.py``: 2-4x faster per product on MiniLM's 0.5% layers).
+the products (``benchmarks/delta_products.py``: 2-4x faster than MKL's product at
+k / (a + b) <= 2, N = 1024).
 Tokens are split across ``torch.get_num_threads()`` OpenMP threads by blocks (one thread in a
 process forked after the kernel was loaded); each output entry is summed by one thread in one
 order, so results do not depend on the thread count.

@@ -61,10 +61,11 @@ __all__ = ["CSR_PER_LINE", "DELTA_KERNEL", "NATIVE", "NATIVE_PER_LINE", "CsrLayo
 CSR_PER_LINE = 1.8
 
 #: The most entries per row plus column of M at which the CPU products take the C kernel
-#: (:func:`~sparsetune.kernels.native_spmm_add_`). Measured on the 2-core x86 VM, 2 threads,
-#: N = 1024 (``benchmarks/attach.py``'s shapes and 512 x 512, 2048 x 2048): 0.18-1.2 ms per
-#: product at k / (a + b) <= 2, 2-4x faster than MKL's CSR product and 4-10x than the bags; even
-#: with both near k / (a + b) ~ 16 (2048 x 2048 at 16: native 16.5, MKL 11.7, bags 16.8 ms).
+#: (:func:`~sparsetune.kernels.native_spmm_add_`); above it, the bags. Measured by
+#: ``benchmarks/delta_products.py`` (2-core x86 VM, 2 threads, N = 1024; MiniLM's shapes,
+#: 512 x 512, 2048 x 2048): the kernel is the fastest route at every shape up to k / (a + b) = 8
+#: (0.4-2 ms at <= 2, 2-4x faster than MKL's CSR product, 3-10x than the bags), the three are
+#: within ~25% of each other at 16, and the bags are fastest at 32.
 NATIVE_PER_LINE = 10.0
 
 #: Whether the CPU row products take the C kernel where it compiles (False: MKL's, the twin).
