@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import gather_floor, optimizer
 
 
@@ -45,27 +47,44 @@ def test_sparse_training_benchmark_quick(tmp_path):
     assert {t["verdict"] for t in result["targets"]} <= {"PASS", "MISS"}
 
 
-def test_attach_benchmark_quick(tmp_path):
+def _attach_quick(tmp_path, *extra):
     from benchmarks import attach
 
     result = attach.main(["--steps", "3", "--rounds", "3", "--warmup", "1", "--batch", "2",
                           "--length", "8", "--repeats", "1", "--threads", "1",
-                          "--output-dir", str(tmp_path)])
+                          "--output-dir", str(tmp_path), *extra])
     written = json.loads((tmp_path / "attach.json").read_text())
     assert written["attach_over_inplace"] == result["attach_over_inplace"]
-    assert all("error" not in r for r in result["rows"]) and len(result["rows"]) == 6
-    assert {r["mmap_threshold"] for r in result["rows"]} == {0, 65536}
-    assert set(result["attach_over_inplace"]) == {
-        "step_median_s", "step_median_s_mkl", "step_median_s_separate", "peak_rss_bytes",
-        "peak_rss_bytes_glibc_default"}
+    assert all("error" not in r for r in result["rows"])
     interleaved = result["interleaved"]
     assert set(interleaved["variants"]) == set(attach.VARIANTS)
     assert all(len(v["step_times_s"]) == 3 for v in interleaved["variants"].values())
     assert result["attach_over_inplace"]["step_median_s"] == interleaved[
         "paired_ratio_median"]["attach"]
+    assert len({r["num_selected"] for r in result["rows"]}) == 1  # one mask for all
     native = {r["variant"]: r["native_kernel"] for r in result["rows"]}
     assert native["attach"] and not native["attach_mkl"]
-    assert len({r["num_selected"] for r in result["rows"]}) == 1  # one mask for both
+    return result
+
+
+def test_attach_benchmark_quick(tmp_path):
+    """One process per variant under glibc's default allocator, and the interleaved run (the
+    live-peak runs, a second child per variant, are the slow test below)."""
+    result = _attach_quick(tmp_path, "--mmap-threshold", "0")
+    assert len(result["rows"]) == 3 and {r["mmap_threshold"] for r in result["rows"]} == {0}
+    assert set(result["attach_over_inplace"]) == {
+        "step_median_s", "step_median_s_mkl", "step_median_s_separate",
+        "peak_rss_bytes_glibc_default"}
+
+
+@pytest.mark.slow
+def test_attach_benchmark_quick_with_live_peaks(tmp_path):
+    result = _attach_quick(tmp_path)
+    assert len(result["rows"]) == 6
+    assert {r["mmap_threshold"] for r in result["rows"]} == {0, 65536}
+    assert set(result["attach_over_inplace"]) == {
+        "step_median_s", "step_median_s_mkl", "step_median_s_separate", "peak_rss_bytes",
+        "peak_rss_bytes_glibc_default"}
 
 
 def test_delta_products_benchmark_quick(tmp_path):
