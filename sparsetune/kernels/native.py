@@ -109,7 +109,8 @@ _INDEX = {torch.int64: "i64", torch.int32: "i32"}
 _STALE_SECONDS = 3600.0
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library, or "reason": why there is none
+# "lib" and "pid": the loaded library and the process that loaded it; or "reason": why none
+_state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
@@ -198,7 +199,11 @@ def _target() -> tuple[list[str], Path] | str:
         return f"{' '.join(cc)} could not run: {exc}"
     key = hashlib.sha256("\0".join([_SOURCE, repr((_FLAGS, _OPTIONAL)), " ".join(cc), version,
                                     platform.machine(), _cpu_id()]).encode()).hexdigest()
-    return cc, _cache_dir() / f"spmm-{key[:20]}.so"
+    try:
+        folder = _cache_dir()
+    except RuntimeError as exc:  # no home folder and no $SPARSETUNE_CACHE
+        return f"no cache folder: {exc}; set SPARSETUNE_CACHE"
+    return cc, folder / f"spmm-{key[:20]}.so"
 
 
 def _load() -> ctypes.CDLL | None:
