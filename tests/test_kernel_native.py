@@ -249,3 +249,83 @@ def test_an_unwritable_cache_folder_leaves_the_kernel_unavailable(monkeypatch, t
     assert "could not compile into" in native.native_unavailable_reason()
     layout = CsrLayout(torch.tensor([0, 1]), torch.tensor([1, 0]), (2, 2))
     assert layout.cpu_route(torch.ones(2)) == "mkl"
+
+
+# -- the backward pass: input gradient g M and the values' gradient in one pass ----------------
+
+def _backward_problem(n, a, b, density, dtype, seed=0, index_dtype=torch.int64):
+    """M: (a, b) and its transpose A in CSR, g: (N, a), x: (N, b), grad_x: (N, b); the float64
+    references of grad_x + g M and of the values' gradient in A's CSR order."""
+    dense, *_ = _problem(1, a, b, density, dtype, seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        csr_t = dense.t().contiguous().to_sparse_csr()
+    crow, cols = csr_t.crow_indices().to(index_dtype), csr_t.col_indices().to(index_dtype)
+    values = csr_t.values().to(dtype)
+    g_ = torch.Generator().manual_seed(seed + 1)
+    g, x, grad_x = (torch.randn(n, w, generator=g_, dtype=torch.float64).to(dtype)
+                    for w in (a, b, b))
+    rows = torch.repeat_interleave(torch.arange(b), csr_t.crow_indices().diff())
+    ref_v = (g.double()[:, csr_t.col_indices()] * x.double()[:, rows]).sum(0)
+    ref_x = grad_x.double() + g.double() @ dense
+    return crow, cols, values, g, x, grad_x, ref_v, ref_x
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 129, 300], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+def test_backward_gives_both_gradients(n, dtype, index_dtype):
+    """N across the 8-token blocks and the 128-token chunks of the values' sums."""
+    crow, cols, values, g, x, grad_x, ref_v, ref_x = _backward_problem(
+        n, 23, 17, 0.3, dtype, index_dtype=index_dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    got_v = native.native_spmm_backward_(grad_x, g, x, crow, cols, values)
+    assert got_v.dtype == dtype
+    torch.testing.assert_close(got_v.double(), ref_v, **tol)
+    torch.testing.assert_close(grad_x.double(), ref_x, **tol)
+    alone = native.native_spmm_backward_(None, g, x, crow, cols, values)  # no input gradient
+    assert torch.equal(alone, got_v)
+
+
+@settings(max_examples=25)
+@given(n=hs.integers(1, 300), a=hs.integers(1, 12), b=hs.integers(1, 12),
+       density=hs.floats(0.0, 1.0), seed=hs.integers(0, 2**16))
+def test_backward_equals_float64_references(n, a, b, density, seed):
+    crow, cols, values, g, x, grad_x, ref_v, ref_x = _backward_problem(
+        n, a, b, density, torch.float64, seed=seed)
+    got_v = native.native_spmm_backward_(grad_x, g, x, crow, cols, values)
+    torch.testing.assert_close(got_v, ref_v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_x, ref_x, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_bits_do_not_depend_on_the_thread_count():
+    crow, cols, values, g, x, grad_x, _, _ = _backward_problem(300, 30, 40, 0.3, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            gx = grad_x.clone()
+            results.append((native.native_spmm_backward_(gx, g, x, crow, cols, values), gx))
+    finally:
+        torch.set_num_threads(threads)
+    for gv, gx in results[1:]:
+        assert torch.equal(gv, results[0][0]) and torch.equal(gx, results[0][1])
+
+
+def test_backward_refuses_bad_input_before_any_write():
+    crow, cols, values, g, x, grad_x, _, _ = _backward_problem(9, 6, 5, 0.5, torch.float32)
+    keep = grad_x.clone()
+    fn = native.native_spmm_backward_
+    bad = [((grad_x, g, x[:4], crow, cols, values), "expected g"),
+           ((grad_x[:, :4], g, x, crow, cols, values), "expected grad_x of x's shape"),
+           ((grad_x, g, x, crow[:-1], cols, values), "expected crow"),
+           ((grad_x, g.double(), x, crow, cols, values), "must share float32 or float64"),
+           ((grad_x, g, x, crow, cols + 6, values), r"cols must lie in \[0, 6\)"),
+           ((grad_x, g, x, crow.flip(0), cols, values), "start at 0")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fn(*args)
+    with pytest.raises(ValueError, match="overlaps"):
+        fn(x, g, x, crow, cols, values)
+    assert torch.equal(grad_x, keep)

@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import sparsetune as st
+from sparsetune.kernels import native_available
 from sparsetune.modules import SLOT, functions, slot
 
 CASES = list(itertools.product(
@@ -111,12 +112,24 @@ def test_fused_layer_equals_the_base_forward_plus_delta_functions(
                          ids=["bags", "mkl", "native"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_every_cpu_product_and_unfrozen_base_gradients(monkeypatch, dtype, route):
+    """Fused layer against the hook route on every CPU product; on the C kernel's route the
+    fused layer's backward is the kernel's one pass (input gradient and values' gradients), the
+    hook route's the twins (CSR product of M^T and the plan's sampled product)."""
     monkeypatch.setattr(functions, "CSR_PER_LINE", route[0])
     monkeypatch.setattr(functions, "NATIVE", route[1])
+    passes = []
+    original = functions.native_spmm_backward_
+    monkeypatch.setattr(functions, "native_spmm_backward_",
+                        lambda *a, **k: passes.append(1) or original(*a, **k))
     cpu = torch.device("cpu")
     for kind in ("linear", "conv1d"):
+        passes.clear()
         out, gx, grads, calls = _run(kind, dtype, 3, True, False, cpu, fuse=True, unfreeze=True)
+        fused_passes = len(passes)
         ref = _run(kind, dtype, 3, True, False, cpu, fuse=False, unfreeze=True)
+        assert len(passes) == fused_passes  # the hook route never takes the fused pass
+        # two deltas on each of the two layers (where the C kernel compiles)
+        assert fused_passes == (4 if route[1] and native_available() else 0)
         assert calls == 2 and ref[3] == 0
         assert {"2.weight", "0.bias"} <= grads.keys() and grads.keys() == ref[2].keys()
         _close(out, ref[0], dtype)
@@ -228,3 +241,37 @@ def test_a_layer_with_its_own_instance_forward_keeps_it_and_gets_the_hook():
     assert len(calls) == 2
     handle.remove()
     assert model[0].forward is own and "forward" not in model[2].__dict__
+
+
+def test_a_first_layer_without_input_gradient_takes_the_values_pass_alone(monkeypatch):
+    """Input that needs no gradient (a first layer over frozen embeddings): the fused
+    backward computes the values' gradients alone in the kernel's pass, equal to the hook
+    route's sampled product (float64)."""
+    passes = []
+    original = functions.native_spmm_backward_
+    monkeypatch.setattr(functions, "native_spmm_backward_",
+                        lambda *a, **k: passes.append(a[0]) or original(*a, **k))
+
+    def run(fuse: bool):
+        torch.manual_seed(0)
+        model = nn.Linear(9, 11).double()
+        bits = {"weight": torch.rand(11, 9) < 0.3, "bias": torch.zeros(11, dtype=torch.bool)}
+        handle = st.attach(model, st.Mask.from_dict(bits), name="a")
+        with torch.no_grad():
+            for p in handle.parameters():
+                p.normal_()
+        slot.DeltaSlot.fuse = fuse
+        try:
+            x = torch.randn(6, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            model(x).pow(2).sum().backward()
+        finally:
+            slot.DeltaSlot.fuse = True
+        return [p.grad for p in handle.parameters()]
+
+    fused = run(True)
+    assert len(passes) == (1 if native_available() else 0)
+    assert all(p is None for p in passes)  # no input gradient buffer
+    hook = run(False)
+    assert len(passes) == (1 if native_available() else 0)  # the hook route: none more
+    for a, b in zip(fused, hook, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -39,10 +39,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["native_available", "native_spmm_add_", "native_unavailable_reason"]
+__all__ = ["native_available", "native_spmm_add_", "native_spmm_backward_",
+           "native_unavailable_reason"]
 
 #: Tokens per block of the kernel (the registers summed per row of M).
 BLOCK_TOKENS = 8
+#: Tokens per partial sum of the values' gradient in the backward kernel (a fixed order).
+_CHUNK_TOKENS = 128
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -93,13 +96,59 @@ void NAME(int64_t n, int64_t a, const T* x, int64_t ldx, T* out, int64_t ldo, \
   } \
 }
 
+/* The backward of out += x M^T over A = M^T (p rows, CSR) with g: (N, q), x: (N, p):
+   gx[n, i] += sum_{e in row i} v[e] g[n, col[e]]    (skipped where gx is NULL)
+   gv[e]     = sum_n g[n, col[e]] x[n, i]            for e in row i
+   gv is summed per chunk of CH tokens into partial (chunks x k), then over chunks in order. */
+#define CH @CHUNK@
+#define BWD_BLOCK(CNT, T, I) \
+  for (int64_t i = 0; i < p; ++i) { \
+    I s0 = crow[i], s1 = crow[i + 1]; \
+    if (s0 == s1) continue; \
+    T xv[RB], acc[RB]; \
+    for (int t = 0; t < (CNT); ++t) { xv[t] = x0[t * ldx + i]; acc[t] = 0; } \
+    for (I e = s0; e < s1; ++e) { \
+      const T* gc = g0 + col[e]; T w = v[e], pe = 0; \
+      for (int t = 0; t < (CNT); ++t) { T gt = gc[t * ldg]; acc[t] += w * gt; pe += gt * xv[t]; } \
+      part[e] += pe; \
+    } \
+    if (gx) { T* o = gx + r0 * ldgx + i; for (int t = 0; t < (CNT); ++t) o[t * ldgx] += acc[t]; } \
+  }
+#define BWD(NAME, T, I) \
+void NAME(int64_t n, int64_t p, int64_t k, const T* g, int64_t ldg, const T* x, int64_t ldx, \
+          T* gx, int64_t ldgx, const I* crow, const I* col, const T* v, T* partial, T* gv, \
+          int nthreads) { \
+  int64_t nc = (n + CH - 1) / CH; \
+  _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)") \
+  for (int64_t ch = 0; ch < nc; ++ch) { \
+    T* part = partial + ch * k; \
+    for (int64_t e = 0; e < k; ++e) part[e] = 0; \
+    int64_t end = (ch + 1) * CH < n ? (ch + 1) * CH : n; \
+    for (int64_t r0 = ch * CH; r0 < end; r0 += RB) { \
+      const T* g0 = g + r0 * ldg; const T* x0 = x + r0 * ldx; \
+      int rn = end - r0 < RB ? (int)(end - r0) : RB; \
+      if (rn == RB) { BWD_BLOCK(RB, T, I) } else { BWD_BLOCK(rn, T, I) } \
+    } \
+  } \
+  _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(nthreads > 1)") \
+  for (int64_t e = 0; e < k; ++e) { \
+    T s = 0; \
+    for (int64_t ch = 0; ch < nc; ++ch) s += partial[ch * k + e]; \
+    gv[e] = s; \
+  } \
+}
+
 CHECK(st_check_i64, int64_t)
 CHECK(st_check_i32, int32_t)
 SPMM(st_spmm_f32_i64, float, int64_t)
 SPMM(st_spmm_f32_i32, float, int32_t)
 SPMM(st_spmm_f64_i64, double, int64_t)
 SPMM(st_spmm_f64_i32, double, int32_t)
-""".replace("@BLOCK@", str(BLOCK_TOKENS))
+BWD(st_bwd_f32_i64, float, int64_t)
+BWD(st_bwd_f32_i32, float, int32_t)
+BWD(st_bwd_f64_i64, double, int64_t)
+BWD(st_bwd_f64_i32, double, int32_t)
+""".replace("@BLOCK@", str(BLOCK_TOKENS)).replace("@CHUNK@", str(_CHUNK_TOKENS))
 
 _FLAGS = ("-O3", "-shared", "-fPIC")
 #: Optional flags, dropped in this order where the compiler refuses them.
@@ -234,9 +283,9 @@ def _load() -> ctypes.CDLL | None:
         _state.pop("reason", None)
         for name in ("st_check_i64", "st_check_i32"):
             getattr(lib, name).restype = ctypes.c_int
-        for name in ("st_spmm_f32_i64", "st_spmm_f32_i32", "st_spmm_f64_i64",
-                     "st_spmm_f64_i32"):
-            getattr(lib, name).restype = None
+        for kind in ("spmm", "bwd"):
+            for name in ("f32_i64", "f32_i32", "f64_i64", "f64_i32"):
+                getattr(lib, f"st_{kind}_{name}").restype = None
         _state["lib"], _state["pid"] = lib, os.getpid()
         return lib
 
@@ -274,6 +323,45 @@ def _overlap(p: Tensor, q: Tensor) -> bool:
     return p0 < q1 and q0 < p1
 
 
+def _check(fn: str, dense: dict[str, Tensor], crow: Tensor, cols: Tensor,
+           values: Tensor) -> None:
+    """The shared argument checks of the kernels (``dense``: name -> 2-D operand)."""
+    for name, t in (*dense.items(), ("crow", crow), ("cols", cols), ("values", values)):
+        if t.device.type != "cpu":
+            raise ValueError(f"{fn}: {name} is on {t.device}, expected the CPU")
+    dtypes = [t.dtype for t in (*dense.values(), values)]
+    if dtypes[0] not in _DTYPES or len(set(dtypes)) != 1:
+        raise ValueError(f"{fn}: {', '.join(dense)} and values must share float32 or float64, "
+                         f"got {', '.join(str(d) for d in dtypes)}")
+    if crow.dtype not in _INDEX or cols.dtype != crow.dtype:
+        raise ValueError(f"{fn}: crow and cols must share int32 or int64, got "
+                         f"{crow.dtype}, {cols.dtype}")
+    for name, t in dense.items():
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"{fn}: {name} needs a unit last stride (row-major rows), got "
+                             f"strides {t.stride()}")
+
+
+def _library(fn: str) -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"{fn}: the native kernel is not available: "
+                           f"{native_unavailable_reason()}")
+    return lib
+
+
+def _check_csr(fn: str, lib: ctypes.CDLL, rows: int, width: int, crow: Tensor,
+               cols: Tensor) -> None:
+    """crow (rows + 1,) a CSR row pointer over cols, every column in [0, width), checked in C."""
+    code = getattr(lib, f"st_check_{_INDEX[crow.dtype]}")(
+        ctypes.c_int64(rows), ctypes.c_int64(width), ctypes.c_int64(cols.numel()), _ptr(crow),
+        _ptr(cols))
+    if code:
+        what = {1: f"crow must start at 0 and end at k = {cols.numel()}",
+                2: "crow must not decrease", 3: f"cols must lie in [0, {width})"}[code]
+        raise ValueError(f"{fn}: bad CSR: {what}")
+
+
 def native_spmm_add_(out: Tensor, x: Tensor, crow: Tensor, cols: Tensor, values: Tensor,
                      *, check: bool = True) -> Tensor:
     """out += x @ M^T in place and returned, for out: (N, a) and x: (N, b) CPU tensors of one
@@ -292,35 +380,15 @@ def native_spmm_add_(out: Tensor, x: Tensor, crow: Tensor, cols: Tensor, values:
         raise ValueError(f"native_spmm_add_: expected crow ({a + 1},) and cols, values of one "
                          f"length (k,), got {tuple(crow.shape)}, {tuple(cols.shape)}, "
                          f"{tuple(values.shape)}")
-    for name, t in (("out", out), ("x", x), ("crow", crow), ("cols", cols), ("values", values)):
-        if t.device.type != "cpu":
-            raise ValueError(f"native_spmm_add_: {name} is on {t.device}, expected the CPU")
-    if out.dtype not in _DTYPES or x.dtype != out.dtype or values.dtype != out.dtype:
-        raise ValueError(f"native_spmm_add_: out, x and values must share float32 or float64, "
-                         f"got {out.dtype}, {x.dtype}, {values.dtype}")
-    if crow.dtype not in _INDEX or cols.dtype != crow.dtype:
-        raise ValueError(f"native_spmm_add_: crow and cols must share int32 or int64, got "
-                         f"{crow.dtype}, {cols.dtype}")
-    for name, t in (("out", out), ("x", x)):
-        if t.shape[1] > 1 and t.stride(1) != 1:
-            raise ValueError(f"native_spmm_add_: {name} needs a unit last stride (row-major "
-                             f"rows), got strides {t.stride()}")
+    fn = "native_spmm_add_"
+    _check(fn, {"out": out, "x": x}, crow, cols, values)
     if _overlap(out, x):
-        raise ValueError("native_spmm_add_: out and x overlap in memory")
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"native_spmm_add_: the native kernel is not available: "
-                           f"{native_unavailable_reason()}")
+        raise ValueError(f"{fn}: out and x overlap in memory")
+    lib = _library(fn)
     crow, cols, values = crow.contiguous(), cols.contiguous(), values.contiguous()
     index = _INDEX[crow.dtype]
     if check:
-        code = getattr(lib, f"st_check_{index}")(
-            ctypes.c_int64(a), ctypes.c_int64(b), ctypes.c_int64(cols.numel()), _ptr(crow),
-            _ptr(cols))
-        if code:
-            what = {1: f"crow must start at 0 and end at k = {cols.numel()}",
-                    2: "crow must not decrease", 3: f"cols must lie in [0, {b})"}[code]
-            raise ValueError(f"native_spmm_add_: bad CSR: {what}")
+        _check_csr(fn, lib, a, b, crow, cols)
     if out.numel() == 0 or values.numel() == 0:
         return out
     getattr(lib, f"st_spmm_{_DTYPES[out.dtype]}_{index}")(
@@ -328,3 +396,49 @@ def native_spmm_add_(out: Tensor, x: Tensor, crow: Tensor, cols: Tensor, values:
         _ptr(out), ctypes.c_int64(out.stride(0)), _ptr(crow), _ptr(cols), _ptr(values),
         ctypes.c_int(_threads()))
     return out
+
+
+def native_spmm_backward_(grad_x: Tensor | None, g: Tensor, x: Tensor, crow: Tensor,
+                          cols: Tensor, values: Tensor, *, check: bool = True) -> Tensor:
+    """The backward of a delta's product out = x M^T in one pass, for M: (a, b) given as its
+    transpose A = M^T: (b, a) in CSR (crow (b + 1,), cols (k,) in [0, a), values (k,)); g: (N, a)
+    the output gradient and x: (N, b) the input, row-major CPU tensors of one float dtype.
+
+    Adds the input gradient g M into ``grad_x`` ((N, b), in place; None skips it) and returns
+    the values' gradient (k,), in A's CSR order: grad[e] = sum_n g[n, cols[e]] x[n, i] for
+    entry e in row i. The sums over tokens are taken per chunk of 128 tokens, then over chunks
+    in order, so they do not depend on the thread count. ``check`` as for
+    :func:`native_spmm_add_`.
+    """
+    fn = "native_spmm_backward_"
+    if g.dim() != 2 or x.dim() != 2 or g.shape[0] != x.shape[0]:
+        raise ValueError(f"{fn}: expected g (N, a) and x (N, b), got {tuple(g.shape)} and "
+                         f"{tuple(x.shape)}")
+    b, a = x.shape[1], g.shape[1]
+    if grad_x is not None and grad_x.shape != x.shape:
+        raise ValueError(f"{fn}: expected grad_x of x's shape {tuple(x.shape)}, got "
+                         f"{tuple(grad_x.shape)}")
+    if crow.dim() != 1 or crow.numel() != b + 1 or cols.dim() != 1 or cols.shape != values.shape:
+        raise ValueError(f"{fn}: expected crow ({b + 1},) and cols, values of one length (k,), "
+                         f"got {tuple(crow.shape)}, {tuple(cols.shape)}, {tuple(values.shape)}")
+    dense = {"g": g, "x": x} if grad_x is None else {"grad_x": grad_x, "g": g, "x": x}
+    _check(fn, dense, crow, cols, values)
+    if grad_x is not None and (_overlap(grad_x, g) or _overlap(grad_x, x)):
+        raise ValueError(f"{fn}: grad_x overlaps g or x in memory")
+    lib = _library(fn)
+    crow, cols, values = crow.contiguous(), cols.contiguous(), values.contiguous()
+    if check:
+        _check_csr(fn, lib, b, a, crow, cols)
+    k, n = values.numel(), g.shape[0]
+    grad_v = torch.zeros(k, dtype=values.dtype)
+    if k == 0 or n == 0:
+        return grad_v
+    partial = torch.empty(-(-n // _CHUNK_TOKENS), k, dtype=values.dtype)
+    target = grad_x if grad_x is not None and grad_x.numel() else None
+    getattr(lib, f"st_bwd_{_DTYPES[values.dtype]}_{_INDEX[crow.dtype]}")(
+        ctypes.c_int64(n), ctypes.c_int64(b), ctypes.c_int64(k), _ptr(g),
+        ctypes.c_int64(g.stride(0)), _ptr(x), ctypes.c_int64(x.stride(0)),
+        ctypes.c_void_p(None if target is None else target.data_ptr()),
+        ctypes.c_int64(0 if target is None else target.stride(0)), _ptr(crow), _ptr(cols),
+        _ptr(values), _ptr(partial), _ptr(grad_v), ctypes.c_int(_threads()))
+    return grad_v

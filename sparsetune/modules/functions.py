@@ -46,7 +46,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..kernels import kernel_available, native_available, native_spmm_add_, spmm_add_
+from ..kernels import (
+    kernel_available,
+    native_available,
+    native_spmm_add_,
+    native_spmm_backward_,
+    spmm_add_,
+)
 from ..sparse_grad import Plan
 
 __all__ = ["CSR_PER_LINE", "DELTA_KERNEL", "NATIVE", "NATIVE_PER_LINE", "CsrLayout", "DeltaSpec",
@@ -163,6 +169,25 @@ class CsrLayout:
         v = values if self.perm is None else values[self.perm]
         return self._add(out, self.crow_t, self.col_t, v[self.perm_t], self.shape[::-1], dense,
                          lambda: self.left(values, dense))
+
+    def fused_backward(self, grad_x: Tensor | None, values: Tensor, g: Tensor,
+                       x: Tensor) -> Tensor | None:
+        """The backward of out = x M^T in one pass of the C kernel
+        (:func:`~sparsetune.kernels.native_spmm_backward_`): g M added into ``grad_x`` ((N, b);
+        None skips it) and the values' gradient sum_n g[n, r_j] x[n, c_j] returned in
+        ``values``' order. Only where :meth:`cpu_route` is ``"native"`` and g: (N, a), x: (N, b),
+        values (and grad_x) share its dtype with unit last strides; else None, and the caller
+        takes :meth:`add_left_` and the plan's sampled product (the twins)."""
+        dense = (g, x) if grad_x is None else (grad_x, g, x)
+        if (self.cpu_route(values) != "native" or any(t.dtype != values.dtype for t in dense)
+                or not all(_unit_last(t) for t in dense)):
+            return None
+        v = values if self.perm is None else values[self.perm]
+        grad_t = native_spmm_backward_(grad_x, g, x, self.crow_t, self.col_t, v[self.perm_t],
+                                       check=False)
+        grad = torch.empty_like(grad_t)
+        grad[self.perm_t if self.perm is None else self.perm[self.perm_t]] = grad_t
+        return grad
 
     def left(self, values: Tensor, dense: Tensor) -> Tensor:
         """dense @ M in ``values.dtype``; dense: (N, a) -> (N, b)."""
@@ -315,26 +340,37 @@ class LinearWithDeltas(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_x = grad_w = grad_b = None
         w = weight.t() if ctx.transposed else weight  # (out, in)
+        fused: dict[int, Tensor] = {}  # values' gradients taken in the fused backward pass
         if need[0]:
             grad_x = torch.mm(g.to(x2.dtype), w)
             total = None
-            for spec, v in zip(ctx.specs, values[0::2]):
+            for i, (spec, v) in enumerate(zip(ctx.specs, values[0::2])):
                 if ctx.in_place:
-                    spec.layout.add_left_(grad_x, v, g)
+                    gv = (spec.layout.fused_backward(grad_x, v, g, x2) if need[5 + 2 * i]
+                          else None)
+                    if gv is not None:
+                        fused[i] = gv
+                    else:
+                        spec.layout.add_left_(grad_x, v, g)
                 else:
                     d = spec.layout.left(v, g)
                     total = d if total is None else total + d
             if total is not None:
                 grad_x.add_(total.to(grad_x.dtype))
             grad_x = grad_x.view(ctx.x_shape)
+        elif ctx.in_place:  # no input gradient: the pass gives the values' gradients alone
+            for i, (spec, v) in enumerate(zip(ctx.specs, values[0::2])):
+                gv = spec.layout.fused_backward(None, v, g, x2) if need[5 + 2 * i] else None
+                if gv is not None:
+                    fused[i] = gv
         if need[1]:
             grad_w = torch.mm(x2.t(), g) if ctx.transposed else torch.mm(g.t(), x2)
         if need[2]:
             grad_b = g.sum(0)
         grads: list[Tensor | None] = []
         for i, (spec, v, bv) in enumerate(zip(ctx.specs, values[0::2], values[1::2])):
-            gv = gb = None
-            if need[5 + 2 * i]:
+            gv, gb = fused.get(i), None
+            if need[5 + 2 * i] and gv is None:
                 gv = _values_grad(spec.plan, g, x2, ctx.transposed).to(v.dtype)
             if bv is not None and need[6 + 2 * i]:
                 gb = g.to(bv.dtype).sum(0)[spec.bias_indices]
