@@ -20,6 +20,12 @@ dense of W's size is built: neither W0 + S nor S. The backward gives
   :class:`sparsetune.sparse_grad.Plan` (``linear_values``: blocks, sampled or the Triton SDDMM
   kernel, whichever is cheapest where it runs; 16-bit operands with float32 accumulation).
 
+On the C kernel's route the fused layer takes both in one pass,
+:meth:`CsrLayout.fused_backward` (:func:`~sparsetune.kernels.native_spmm_backward_`): each
+g[n, r_j] gathered for the input gradient is also multiplied by x[n, c_j] for the values'
+gradient, so the sampled product needs no transposed copies of g and x of its own (the input
+gradient and the plan's sampled product are its twins, which the hook route takes).
+
 transformers' Conv1D stores W as (in, out): the same function with the coordinates swapped.
 A plain nn.Linear or Conv1D takes the base product and its deltas as one function,
 :class:`LinearWithDeltas` (the deltas added into the base output in place and the input
