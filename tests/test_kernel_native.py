@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hs
+from sparse_helpers import random_csr
 
 from sparsetune.kernels import native, native_spmm_add_, spmm_add_torch
 from sparsetune.modules import CsrLayout, functions
@@ -29,14 +30,7 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 def _problem(n, a, b, density, dtype, seed=0, index_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed)
-    dense = (torch.rand(a, b, generator=g) < density).double() * torch.randn(
-        a, b, generator=g, dtype=torch.float64)
-    dense = dense.to(dtype).double()
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        csr = dense.to_sparse_csr()
-    crow, cols = csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype)
-    values = csr.values().to(dtype)
+    dense, crow, cols, values = random_csr(a, b, density, dtype, g, index_dtype)
     x = torch.randn(n, b, generator=g, dtype=torch.float64).to(dtype)
     out = torch.randn(n, a, generator=g, dtype=torch.float64).to(dtype)
     return dense, crow, cols, values, x, out

@@ -13,12 +13,12 @@ in the last place of the result plus the float32 sums' error.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as hs
+from sparse_helpers import random_csr
 from torch import nn
 
 import sparsetune as st
@@ -39,14 +39,7 @@ CASES = [(37, 50, 70, 0.1, torch.bfloat16, torch.float32),
 
 def _problem(n, a, b, density, out_dtype, values_dtype, seed=0, index_dtype=torch.int64):
     g = torch.Generator().manual_seed(seed + n * 7 + a)
-    dense = (torch.rand(a, b, generator=g) < density).double() * torch.randn(
-        a, b, generator=g, dtype=torch.float64)
-    dense = dense.to(values_dtype).double()  # the values as stored
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        csr = dense.to_sparse_csr()
-    crow, cols = csr.crow_indices().to(index_dtype), csr.col_indices().to(index_dtype)
-    values = csr.values().to(values_dtype)
+    dense, crow, cols, values = random_csr(a, b, density, values_dtype, g, index_dtype)
     x = torch.randn(n, b, generator=g, dtype=torch.float64).to(out_dtype)
     # row strides beyond the width: out and the table are slices of wider buffers
     out = torch.randn(n, a + 3, generator=g, dtype=torch.float64).to(out_dtype)[:, :a]
