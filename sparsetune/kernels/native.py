@@ -1,4 +1,8 @@
-"""A CPU kernel in C for a sparse delta's product: out (N, a) += x M^T, read row-major.
+"""CPU kernels in C for a sparse delta's product out (N, a) += x M^T and its backward.
+
+:func:`native_spmm_add_` is the product; :func:`native_spmm_backward_` its backward in one
+pass over M^T's CSR order (the input gradient g M added in place, and the values' gradient
+from the same gathered g, summed per 128-token chunk and then over chunks in order).
 
 M: (a, b) with k entries in CSR (``crow`` (a + 1,), ``cols`` and ``values`` (k,)), x: (N, b)
 and out: (N, a) row-major (unit last stride, any row stride). For each block of 8 tokens and
